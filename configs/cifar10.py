@@ -1,0 +1,27 @@
+"""CIFAR-10 base: the tfds ``cifar10`` train split (50k 32x32x3), random flips.
+
+Prepare once on a machine with internet: `tfds build cifar10 --data_dir=$DATA`, then pass
+--config.data.data_dir=$DATA. The overrides (cifar10_edm_ddpmpp, cifar10_vp_ddpmpp,
+cifar10_ve_ncsnpp) set the process, network and published hyperparameters.
+"""
+from configs.default import get_default_config
+
+
+def get_config():
+    c = get_default_config()
+    c.data.name = "cifar10"
+    c.data.image_size = 32
+    c.data.num_channels = 3
+    c.data.num_classes = 0
+    c.data.random_flip = True
+    c.model.name = "ddpmpp"
+    c.model.model_channels = 128
+    c.model.channel_mult = (2, 2, 2)
+    c.model.num_blocks = 4
+    c.model.attn_resolutions = (16,)
+    c.training.log_every = 1000
+    c.training.ckpt_every = 10000
+    c.training.keep_checkpoints = 5
+    c.sampling.num_samples = 64
+    c.sampling.batch_size = 64
+    return c

@@ -1,0 +1,117 @@
+"""What a run shows a person: metric writers, console progress with ETA, images, results.json.
+
+Writers are clu's (TensorBoard event files) and are created on process 0 only; other processes
+get a logging-only writer so multi-host runs write one set of files.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import numpy as np
+from PIL import Image
+
+
+class Monitor:
+    """Scalars to TensorBoard (process 0) and one console line per log step with steps/s and ETA."""
+
+    def __init__(self, workdir: str, total_steps: int, *, start_step: int = 0):
+        from clu import metric_writers  # imports TensorFlow: keep it out of module import time
+        self.writer = metric_writers.create_default_writer(
+            workdir, just_logging=jax.process_index() > 0)
+        self.total_steps = total_steps
+        self._t0, self._s0 = time.time(), start_step
+
+    def scalars(self, step: int, metrics: dict) -> None:
+        metrics = {k: float(v) for k, v in metrics.items()}
+        self.writer.write_scalars(step, metrics)
+        now = time.time()
+        rate = (step - self._s0) / max(now - self._t0, 1e-9)
+        eta = (self.total_steps - step) / rate if rate > 0 else float("nan")
+        shown = "  ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()))
+        if jax.process_index() == 0:
+            print(f"step {step}/{self.total_steps}  {rate:.2f} steps/s  eta {_hms(eta)}  {shown}",
+                  flush=True)
+
+    def images(self, step: int, name: str, images: np.ndarray) -> None:
+        self.writer.write_images(step, {name: images[None]})
+
+    def close(self) -> None:
+        self.writer.flush()
+        self.writer.close()
+
+
+def _hms(seconds: float) -> str:
+    if not np.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def image_grid(images: np.ndarray, *, ncols: int | None = None) -> np.ndarray:
+    """Tiles NHWC images in [-1, 1] into one uint8 HxWxC grid."""
+    images = np.asarray(images, np.float32)
+    n, h, w, c = images.shape
+    ncols = ncols or int(np.ceil(np.sqrt(n)))
+    nrows = int(np.ceil(n / ncols))
+    grid = np.zeros((nrows * (h + 1) + 1, ncols * (w + 1) + 1, c), np.float32)
+    for i, img in enumerate(images):
+        r, k = divmod(i, ncols)
+        grid[1 + r * (h + 1):1 + r * (h + 1) + h, 1 + k * (w + 1):1 + k * (w + 1) + w] = img
+    return np.clip(np.round((grid + 1) * 127.5), 0, 255).astype(np.uint8)
+
+
+def save_png(path: str, image: np.ndarray, *, scale: int = 1) -> None:
+    """Saves an HxWxC (C in 1, 3) uint8 image, optionally enlarged by nearest-neighbour ``scale``."""
+    image = np.asarray(image)
+    if image.ndim == 3 and image.shape[-1] == 1:
+        image = image[..., 0]
+    pil = Image.fromarray(image)
+    if scale > 1:
+        pil = pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    pil.save(path)
+
+
+def density_image(points: np.ndarray, *, extent: float, size: int = 160) -> np.ndarray:
+    """A 2-D point cloud as a uint8 grey-scale density image (dark = many points), no matplotlib."""
+    points = np.asarray(points)
+    hist, _, _ = np.histogram2d(points[:, 1], points[:, 0], bins=size,
+                                range=[[-extent, extent], [-extent, extent]])
+    hist = np.log1p(hist[::-1])
+    hist = hist / max(hist.max(), 1e-9)
+    return (255 * (1 - hist)).astype(np.uint8)
+
+
+def panel_row(images: list[np.ndarray], *, gap: int = 4) -> np.ndarray:
+    """Concatenates same-height grey images side by side with white gaps."""
+    h = images[0].shape[0]
+    sep = np.full((h, gap), 255, np.uint8)
+    parts = []
+    for img in images:
+        parts += [img, sep]
+    return np.concatenate(parts[:-1], axis=1)
+
+
+def write_results(workdir: str, results: dict) -> str:
+    """Merges ``results`` into ``workdir/results.json`` (machine-readable final metrics)."""
+    path = os.path.join(workdir, "results.json")
+    if jax.process_index() != 0:
+        return path
+    old = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+    old.update(results)
+    os.makedirs(workdir, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(old, f, indent=2, sort_keys=True, default=_jsonable)
+    return path
+
+
+def _jsonable(x):
+    if isinstance(x, (np.generic, np.ndarray)) or hasattr(x, "__array__"):
+        return np.asarray(x).tolist()
+    return str(x)

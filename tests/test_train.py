@@ -1,0 +1,135 @@
+"""The training loop: sharding invariance, multi-host, bit-for-bit resume, NaN guard, checkpoints."""
+import glob
+import json
+import os
+import socket
+import subprocess
+import sys
+import types
+
+import jax
+import numpy as np
+import pytest
+
+from fdistill import checkpoint, sharding, train
+from tests.tiny import tiny_toy_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKER = os.path.join(ROOT, "tests", "train_worker.py")
+
+
+def _run_worker(workdir, *args, timeout=240):
+    procs = [subprocess.Popen([sys.executable, WORKER, str(workdir), *a], cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for a in args]
+    results = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=timeout)
+        assert proc.returncode == 0, err[-3000:]
+        line = [l for l in out.splitlines() if l.startswith("RESULT ")]
+        results.append(json.loads(line[-1][len("RESULT "):]))
+    return results
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _assert_same_run(a, b, tol=1e-5):
+    assert len(a["losses"]) == len(b["losses"]) > 0
+    np.testing.assert_allclose(a["losses"], b["losses"], rtol=tol, atol=tol)
+    for x, y in zip(a["ema"], b["ema"]):
+        np.testing.assert_allclose(x, y, rtol=tol, atol=tol)
+
+
+def test_one_and_two_devices_give_the_same_training(tmp_path):
+    one, = _run_worker(tmp_path / "one", ["--devices=1"])
+    two, = _run_worker(tmp_path / "two", ["--devices=2"])
+    fsdp, = _run_worker(tmp_path / "fsdp", ["--devices=2", "--param_sharding=fsdp"])
+    assert (one["devices"], two["devices"]) == (1, 2)
+    _assert_same_run(one, two)
+    _assert_same_run(one, fsdp)
+
+
+def test_two_processes_match_one_process_with_four_devices(tmp_path):
+    single, = _run_worker(tmp_path / "single", ["--devices=4"])
+    port = _free_port()
+    hosts = _run_worker(tmp_path / "multi",
+                        *[["--devices=2", "--num_processes=2", f"--process_id={i}",
+                           f"--port={port}"] for i in range(2)])
+    assert hosts[0]["processes"] == 2 and hosts[0]["devices"] == 4
+    _assert_same_run(single, hosts[0])
+    _assert_same_run(single, hosts[1])
+
+
+def test_resumed_training_is_bit_for_bit(tmp_path):
+    full = train.train(tiny_toy_config(num_steps=6, ckpt_every=3), str(tmp_path / "full"))
+    train.train(tiny_toy_config(num_steps=3, ckpt_every=3), str(tmp_path / "cut"))
+    resumed = train.train(tiny_toy_config(num_steps=6, ckpt_every=3), str(tmp_path / "cut"))
+    assert [s for s, _ in resumed["history"]] == [4, 5, 6]
+    for a, b in zip(jax.tree.leaves(full["state"]), jax.tree.leaves(resumed["state"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_nonfinite_loss_stops_and_keeps_the_good_checkpoint(tmp_path, monkeypatch):
+    from fdistill import data
+    real = data.get_dataset
+
+    def poisoned(*args, **kwargs):
+        ds = real(*args, **kwargs)
+        batch = ds.batch
+        ds = types.SimpleNamespace(batch=lambda step: {k: (v * np.nan if step == 2 and k == "x"
+                                                           else v) for k, v in batch(step).items()})
+        return ds
+
+    monkeypatch.setattr(data, "get_dataset", poisoned)
+    with pytest.raises(train.NonFiniteError, match=r"step 2.*train/loss=nan"):
+        train.train(tiny_toy_config(num_steps=4, ckpt_every=2, log_every=2), str(tmp_path))
+    ckpt = checkpoint.Checkpointer(str(tmp_path / "checkpoints"))
+    assert ckpt.all_steps() == [2]
+
+
+def test_corrupt_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
+    workdir = str(tmp_path)
+    out = train.train(tiny_toy_config(num_steps=4, ckpt_every=2, keep_checkpoints=3), workdir)
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    for f in glob.glob(os.path.join(ckpt_dir, "4", "**", "*"), recursive=True):
+        if os.path.isfile(f):
+            with open(f, "wb") as fh:
+                fh.write(b"garbage")
+    ckpt = checkpoint.Checkpointer(ckpt_dir)
+    step, state = ckpt.restore_latest(out["state"])
+    assert step == 2
+    assert "corrupt or incomplete" in caplog.text and os.path.join(ckpt_dir, "4") in caplog.text
+
+
+def test_batch_not_divisible_by_devices_is_refused():
+    mesh = types.SimpleNamespace(devices=np.zeros(4))
+    with pytest.raises(ValueError, match="not divisible by the 4 devices"):
+        sharding.check_batch_size(30, mesh)
+
+
+def test_missing_teacher_checkpoint_is_reported(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train.load_model(tiny_toy_config(), str(tmp_path))
+
+
+def test_cli_train_then_sample_writes_results(tmp_path):
+    cmd = [sys.executable, "-m", "fdistill.main", "--config=configs/toy.py",
+           f"--workdir={tmp_path}", "--config.model.hidden=32", "--config.model.depth=2",
+           "--config.training.batch_size=64", "--config.training.num_steps=20",
+           "--config.training.log_every=10", "--config.sampling.num_samples=128",
+           "--config.sampling.batch_size=128", "--config.sampling.num_steps=4"]
+    for mode in ("train", "sample"):
+        r = subprocess.run(cmd + [f"--mode={mode}"], cwd=ROOT, capture_output=True, text=True,
+                           timeout=240)
+        assert r.returncode == 0, r.stderr[-3000:]
+    results = json.load(open(tmp_path / "results.json"))
+    assert results["steps"] == 20 and np.isfinite(results["final/train/loss"])
+    assert results["sample/nfe"] == 7 and results["sample/num_samples"] == 128
+    assert glob.glob(str(tmp_path / "events.out.tfevents*"))
+    assert os.path.getsize(tmp_path / "samples.png") > 0
+    r = subprocess.run(cmd + ["--mode=nope"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "valid modes: train, sample" in r.stderr

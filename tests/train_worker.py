@@ -1,0 +1,42 @@
+"""Runs a tiny toy teacher training in a fresh process (fake CPU devices / jax.distributed).
+
+    python tests/train_worker.py WORKDIR --devices=2 [--num_processes=2 --process_id=0 --port=P]
+
+Prints one JSON line: the per-step losses and a checksum-free copy of the final EMA parameters.
+"""
+import argparse
+import json
+import os
+import sys
+
+p = argparse.ArgumentParser()
+p.add_argument("workdir")
+p.add_argument("--devices", type=int, default=1)
+p.add_argument("--num_processes", type=int, default=1)
+p.add_argument("--process_id", type=int, default=0)
+p.add_argument("--port", type=int, default=0)
+p.add_argument("--steps", type=int, default=6)
+p.add_argument("--param_sharding", default="replicated")
+args = p.parse_args()
+os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
+os.environ["JAX_PLATFORMS"] = "cpu"
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+
+if args.num_processes > 1:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(f"127.0.0.1:{args.port}", args.num_processes, args.process_id)
+
+import numpy as np  # noqa: E402
+
+from fdistill import sharding, train  # noqa: E402
+from tests.tiny import tiny_toy_config  # noqa: E402
+
+config = tiny_toy_config(num_steps=args.steps, param_sharding=args.param_sharding)
+out = train.train(config, args.workdir)
+ema = sharding.to_host(out["state"]["ema"])
+print("RESULT " + json.dumps({
+    "devices": jax.device_count(), "processes": jax.process_count(),
+    "losses": [m["train/loss"] for _, m in out["history"]],
+    "ema": [np.asarray(x).ravel().tolist() for x in jax.tree.leaves(ema)]}))
