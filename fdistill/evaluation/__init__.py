@@ -1,0 +1,1 @@
+"""Evaluation: FID Inception port, Frechet distance, IS, precision/recall, KID, in-domain classifier metrics."""
