@@ -8,13 +8,15 @@ Needs torch, torchvision and pytorch-fid (0.3.0) next to jax/flax, e.g. in a sep
 1. ``inception_parity.npz``: pytorch-fid's FID InceptionV3 (its weight download replaced by
    ``inception.random_state_dict(SEED)``, which numpy regenerates bit for bit, so no weights are
    committed) on seeded uint8 images at 32x32, 64x64 and a 304x336 downscale: the 2048-d pool
-   features and the unbiased logits ``pool @ fc.weight.T``.
+   features and the unbiased logits ``pool @ fc.weight.T``; and pytorch-fid's state-dict key
+   names and shapes (JSON), which the port's own table must equal.
 2. ``frechet_golden.npz``: pytorch-fid's ``calculate_frechet_distance`` on random statistics,
    well conditioned and rank-deficient (near-singular) ones.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import unittest.mock
 
@@ -44,8 +46,21 @@ def torch_fid_features(state_dict: dict[str, np.ndarray], images: np.ndarray):
     return pool.numpy(), logits.numpy()
 
 
+def torch_state_dict_shapes(state_dict: dict[str, np.ndarray]) -> dict[str, list[int]]:
+    """Key -> shape of pytorch-fid's ``fid_inception_v3()`` state dict (float tensors only)."""
+    import torch
+    from pytorch_fid import inception as pfi
+
+    tensors = {k: torch.from_numpy(v) for k, v in state_dict.items()}
+    with unittest.mock.patch.object(pfi, "load_state_dict_from_url", lambda *a, **k: tensors):
+        model = pfi.fid_inception_v3()
+    return {k: list(v.shape) for k, v in model.state_dict().items()
+            if not k.endswith("num_batches_tracked")}
+
+
 def frechet_cases(seed: int = SEED) -> dict[str, np.ndarray]:
-    """Random (mu, sigma) pairs: full rank d=16, rank 6 of d=32 (singular), and equal inputs."""
+    """Random (mu, sigma) pairs: full rank d=16, rank 6 of d=32 (singular), equal inputs, and a
+    product sigma1 @ sigma2 = [[0, 1], [0, 0]] with no square root (pytorch-fid's eps branch)."""
     rng = np.random.Generator(np.random.PCG64(seed + 2))
     cases = {}
     for name, d, rank in (("full", 16, 40), ("singular", 32, 6)):
@@ -55,6 +70,8 @@ def frechet_cases(seed: int = SEED) -> dict[str, np.ndarray]:
             cases[f"{name}_sigma{i}"] = a @ a.T / rank
     cases["equal_mu1"] = cases["equal_mu2"] = cases["full_mu1"]
     cases["equal_sigma1"] = cases["equal_sigma2"] = cases["full_sigma1"]
+    cases["nilpotent_mu1"], cases["nilpotent_mu2"] = np.zeros(2), np.ones(2)
+    cases["nilpotent_sigma1"], cases["nilpotent_sigma2"] = np.array([[0., 1.], [0., 0.]]), np.eye(2)
     return cases
 
 
@@ -72,7 +89,8 @@ def main() -> None:
     torch.manual_seed(SEED)
 
     state_dict = inception.random_state_dict(SEED)
-    out = {"seed": np.array(SEED)}
+    out = {"seed": np.array(SEED),
+           "torch_state_dict_shapes": np.array(json.dumps(torch_state_dict_shapes(state_dict)))}
     for key, images in parity_images().items():
         pool, logits = torch_fid_features(state_dict, images)
         out[f"images_{key}"] = images
@@ -83,7 +101,7 @@ def main() -> None:
     np.savez_compressed(os.path.join(args.out_dir, "inception_parity.npz"), **out)
 
     cases = frechet_cases()
-    for name in ("full", "singular", "equal"):
+    for name in ("full", "singular", "equal", "nilpotent"):
         fd = calculate_frechet_distance(cases[f"{name}_mu1"], cases[f"{name}_sigma1"],
                                         cases[f"{name}_mu2"], cases[f"{name}_sigma2"])
         cases[f"{name}_fd"] = np.array(fd)
