@@ -47,10 +47,19 @@ class StridedConv(nnx.Module):
         dimension_numbers=('NHWC', 'HWIO', 'NHWC')) + self.bias[...]
 
 
+def head_groups(channels: int) -> int:
+  """GroupNorm groups of a head (as FastGen): C // 4 up to 32 channels, else the largest divisor of
+  C that is <= 32 (32 for multiples of 32)."""
+  if channels <= 32:
+    return max(1, channels // 4)
+  return max(g for g in range(1, 33) if channels % g == 0)
+
+
 class ConvHead(nnx.Module):
   """One image head: [4x4 stride-2 conv (pad 1), GN, SiLU] while the map is larger than 4x4, then a
   4x4 valid conv to 1x1 with GN + SiLU, then a 1x1 conv to one logit (mean over space).
-  GroupNorm uses gcd(32, C) groups (32 for the usual multiples of 32)."""
+  This is FastGen's EDM head (the official f-distill code); note that its last GroupNorm acts on a
+  1x1 map, so each group normalises only its C / groups channels."""
 
   def __init__(self, channels: int, resolution: int, *, rngs: nnx.Rngs):
     if resolution < 4 or resolution & (resolution - 1):
@@ -60,7 +69,7 @@ class ConvHead(nnx.Module):
     convs = [StridedConv(channels, channels, 4, stride=2, padding=1, rngs=rngs) for _ in range(n_down)]
     convs.append(StridedConv(channels, channels, 4, stride=1, padding=0, rngs=rngs))
     self.convs = nnx.List(convs)
-    self.norms = nnx.List([GroupNorm(channels, groups=math.gcd(32, channels)) for _ in convs])
+    self.norms = nnx.List([GroupNorm(channels, groups=head_groups(channels)) for _ in convs])
     self.out = StridedConv(channels, 1, 1, stride=1, padding=0, rngs=rngs)
 
   def __call__(self, h):
