@@ -49,46 +49,35 @@ class GaussianMixture2D:
         self.means = means
         self.weights = (weights / weights.sum()).astype(np.float32)
         self.std = float(std)
-        self._log_weights = jnp.log(jnp.asarray(self.weights))
-        self._draw = jax.jit(jax.vmap(self._draw_one))
+        self._params = (jnp.asarray(self.means), jnp.log(jnp.asarray(self.weights)),
+                        jnp.float32(self.std))
 
     @property
     def num_modes(self) -> int:
         return self.means.shape[0]
 
-    def _draw_one(self, key):
-        """One draw ``(x, k)``: mode ``k ~ Categorical(w)``, ``x = mu_k + std * eps``."""
-        k_mode, k_noise = jax.random.split(key)
-        k = jax.random.categorical(k_mode, self._log_weights)
-        x = jnp.asarray(self.means)[k] + self.std * jax.random.normal(k_noise, (2,), jnp.float32)
-        return x, k.astype(jnp.int32)
-
     def sample_with_modes(self, keys):
         """One draw per key (``keys``: [n] typed keys) -> (x [n, 2] float32, mode index [n] int32)."""
-        return self._draw(keys)
+        return _draw(keys, *self._params)
 
     def sample(self, key, n: int):
         """``n`` independent samples ``[n, 2]`` float32."""
-        return self._draw(jax.random.split(key, n))[0]
+        return _draw(jax.random.split(key, n), *self._params)[0]
 
     def component_log_probs(self, x_t, alpha=1.0, sigma=0.0):
         """``log w_k + log N(x_t; alpha mu_k, (alpha^2 std^2 + sigma^2) I)``: ``[..., K]``.
 
         ``alpha`` and ``sigma`` broadcast against ``x_t[..., 0]`` (scalars or ``[B]``).
         """
-        x_t = jnp.asarray(x_t, jnp.float32)
-        alpha = jnp.asarray(alpha, jnp.float32)[..., None, None]
-        var = (alpha[..., 0] ** 2 * self.std ** 2 + jnp.asarray(sigma, jnp.float32)[..., None] ** 2)
-        d2 = jnp.sum((x_t[..., None, :] - alpha * jnp.asarray(self.means)) ** 2, axis=-1)
-        return self._log_weights - 0.5 * d2 / var - jnp.log(2 * jnp.pi * var)
+        return _component_log_probs(x_t, alpha, sigma, *self._params)
 
     def marginal_log_prob(self, x_t, alpha=1.0, sigma=0.0):
         """Exact ``log p_t(x_t)`` of ``x_t = alpha x_0 + sigma eps``, ``x_0 ~ p``: shape ``[...]``."""
-        return jax.nn.logsumexp(self.component_log_probs(x_t, alpha, sigma), axis=-1)
+        return _marginal_log_prob(x_t, alpha, sigma, *self._params)
 
     def log_prob(self, x):
         """Exact ``log p(x)`` for ``x`` of shape ``[..., 2]``."""
-        return self.marginal_log_prob(x)
+        return _marginal_log_prob(x, 1.0, 0.0, *self._params)
 
     def denoise(self, x_t, alpha, sigma):
         """Exact ``E[x_0 | x_t]`` (the ideal denoiser) for ``x_t = alpha x_0 + sigma eps``.
@@ -97,14 +86,41 @@ class GaussianMixture2D:
         (x_t - alpha mu_k)``; the modes are weighted by their posterior responsibilities.
         By Tweedie, ``grad log p_t(x_t) = (alpha E[x_0 | x_t] - x_t) / sigma^2``.
         """
-        x_t = jnp.asarray(x_t, jnp.float32)
-        resp = jax.nn.softmax(self.component_log_probs(x_t, alpha, sigma), axis=-1)
-        alpha = jnp.asarray(alpha, jnp.float32)[..., None, None]
-        gain = alpha * self.std ** 2 / (alpha ** 2 * self.std ** 2
-                                        + jnp.asarray(sigma, jnp.float32)[..., None, None] ** 2)
-        means = jnp.asarray(self.means)
-        post = means + gain * (x_t[..., None, :] - alpha * means)
-        return jnp.sum(resp[..., None] * post, axis=-2)
+        return _denoise(x_t, alpha, sigma, *self._params)
+
+
+@jax.jit
+def _draw(keys, means, log_weights, std):
+    """Per key: mode ``k ~ Categorical(w)``, ``x = mu_k + std * eps``."""
+    def one(key):
+        k_mode, k_noise = jax.random.split(key)
+        k = jax.random.categorical(k_mode, log_weights)
+        return means[k] + std * jax.random.normal(k_noise, (2,), jnp.float32), k.astype(jnp.int32)
+    return jax.vmap(one)(keys)
+
+
+def _component_log_probs(x_t, alpha, sigma, means, log_weights, std):
+    x_t = jnp.asarray(x_t, jnp.float32)
+    alpha = jnp.asarray(alpha, jnp.float32)[..., None]
+    var = alpha ** 2 * std ** 2 + jnp.asarray(sigma, jnp.float32)[..., None] ** 2
+    d2 = jnp.sum((x_t[..., None, :] - alpha[..., None] * means) ** 2, axis=-1)
+    return log_weights - 0.5 * d2 / var - jnp.log(2 * jnp.pi * var)
+
+
+@jax.jit
+def _marginal_log_prob(x_t, alpha, sigma, means, log_weights, std):
+    return jax.nn.logsumexp(_component_log_probs(x_t, alpha, sigma, means, log_weights, std), -1)
+
+
+@jax.jit
+def _denoise(x_t, alpha, sigma, means, log_weights, std):
+    x_t = jnp.asarray(x_t, jnp.float32)
+    resp = jax.nn.softmax(_component_log_probs(x_t, alpha, sigma, means, log_weights, std), -1)
+    alpha = jnp.asarray(alpha, jnp.float32)[..., None, None]
+    sigma = jnp.asarray(sigma, jnp.float32)[..., None, None]
+    post = means + alpha * std ** 2 / (alpha ** 2 * std ** 2 + sigma ** 2) * (
+        x_t[..., None, :] - alpha * means)
+    return jnp.sum(resp[..., None] * post, axis=-2)
 
 
 def ring8(*, std: float, radius: float, weights=None) -> GaussianMixture2D:
@@ -180,15 +196,10 @@ class ToyDataset:
         self.seed = seed
         offset = process_index * self.local_batch_size
         self._local = np.arange(offset, offset + self.local_batch_size, dtype=np.uint32)
-        self._draw_at = jax.jit(self._draw_at_impl)
-
-    def _draw_at_impl(self, seed, step, indices):
-        step_key = jax.random.fold_in(jax.random.key(seed), step)
-        keys = jax.vmap(lambda i: jax.random.fold_in(step_key, i))(indices)
-        return self.distribution.sample_with_modes(keys)
 
     def batch(self, step: int) -> dict:
-        x, k = self._draw_at(np.uint32(self.seed), np.uint32(step), self._local)
+        keys = _example_keys(np.uint32(self.seed), np.uint32(step), self._local)
+        x, k = self.distribution.sample_with_modes(keys)
         return {"x": np.asarray(x), "label": np.asarray(k)}
 
     @property
@@ -208,6 +219,13 @@ class ToyDataset:
 
     def sample(self, key, n: int):
         return self.distribution.sample(key, n)
+
+
+@jax.jit
+def _example_keys(seed, step, indices):
+    """``fold_in(fold_in(key(seed), step), i)`` for each global example index ``i``."""
+    step_key = jax.random.fold_in(jax.random.key(seed), step)
+    return jax.vmap(lambda i: jax.random.fold_in(step_key, i))(indices)
 
 
 def _circle(k: int, radius: float) -> np.ndarray:
