@@ -15,7 +15,6 @@ costs little next to the network on real models, the error control is the refere
 implementation's, and `nfe` (the number of right-hand-side evaluations) is directly comparable to
 Score-SDE's. Not jittable as a whole (use it in evaluation, not inside a train step).
 """
-import functools
 import math
 
 import jax
@@ -58,45 +57,52 @@ def pf_ode_drift_and_div(denoise_fn, process: SDE, x, t, v, class_labels=None, *
     return drift, jnp.einsum('ibi->b', columns.reshape(dim, x.shape[0], dim))
 
 
-@functools.partial(jax.jit, static_argnames=('graph', 'process', 'hutchinson'))
-def _rhs(graph, state, process, hutchinson, x, t, v, class_labels):
-    denoise_fn = graph if state is None else nnx.merge(graph, state)
-    return pf_ode_drift_and_div(denoise_fn, process, x, t, v, class_labels, hutchinson=hutchinson)
+def get_likelihood_fn(denoise_fn, process: SDE, *, hutchinson: str = 'rademacher', rtol: float = 1e-5,
+                      atol: float = 1e-5, method: str = 'RK45', eps: float | None = None):
+    """`likelihood_fn(key, x, class_labels=None) -> (logp, z, nfe)`: log p_eps(x) in nats per example
+    through the PF-ODE from eps (default `default_eps`) to T, with z = x(T) and nfe the number of
+    right-hand-side evaluations. Build it once and call it per batch: the right-hand side is
+    compiled on the first call only.
 
-
-def log_likelihood(denoise_fn, process: SDE, key, x, class_labels=None, *,
-                   hutchinson: str = 'rademacher', rtol: float = 1e-5, atol: float = 1e-5,
-                   method: str = 'RK45', eps: float | None = None):
-    """log p_eps(x) in nats per example through the PF-ODE from eps (default `default_eps`) to T.
-
-    `denoise_fn(x_t, t, class_labels) -> x0_hat` is a plain callable or an nnx Module (the Denoiser),
-    which is split so its parameters are arguments of the jitted right-hand side, not constants.
-    Returns (logp [B] numpy, z = x(T) [B, ...] numpy, nfe: right-hand-side evaluations)."""
+    `denoise_fn(x_t, t, class_labels) -> x0_hat` is an nnx Module (the Denoiser; its parameters
+    become arguments of the jitted right-hand side) or a plain callable (closed over)."""
     if hutchinson not in HUTCHINSON:
         raise ValueError(f"unknown hutchinson estimator {hutchinson!r}; valid: {list(HUTCHINSON)}")
     eps = default_eps(process) if eps is None else eps
     if isinstance(denoise_fn, nnx.Module):
-        graph, state = nnx.split(denoise_fn)
+        graphdef, state = nnx.split(denoise_fn)
+        rhs = jax.jit(lambda state, x, t, v, c: pf_ode_drift_and_div(
+            nnx.merge(graphdef, state), process, x, t, v, c, hutchinson=hutchinson))
     else:
-        graph, state = denoise_fn, None
-    x = jnp.asarray(x, jnp.float32)
-    shape, b = x.shape, x.shape[0]
-    v = hutchinson_noise(key, shape, hutchinson)
+        state = None
+        rhs = jax.jit(lambda state, x, t, v, c: pf_ode_drift_and_div(
+            denoise_fn, process, x, t, v, c, hutchinson=hutchinson))
 
-    def ode_func(t, y):
-        xt = jnp.asarray(y[:-b].reshape(shape), jnp.float32)
-        drift, div = _rhs(graph, state, process, hutchinson, xt, jnp.full((b,), t, jnp.float32), v,
-                          class_labels)
-        return np.concatenate([np.asarray(drift, np.float64).ravel(), np.asarray(div, np.float64)])
+    def likelihood_fn(key, x, class_labels=None):
+        x = jnp.asarray(x, jnp.float32)
+        shape, b = x.shape, x.shape[0]
+        v = hutchinson_noise(key, shape, hutchinson)
 
-    y0 = np.concatenate([np.asarray(x, np.float64).ravel(), np.zeros(b)])
-    sol = integrate.solve_ivp(ode_func, (eps, process.T), y0, rtol=rtol, atol=atol, method=method)
-    if not sol.success:
-        raise RuntimeError(f"PF-ODE likelihood solver ({method}) failed: {sol.message}")
-    z = sol.y[:-b, -1].reshape(shape)
-    delta_logp = sol.y[-b:, -1]
-    logp = np.asarray(process.prior_logp(jnp.asarray(z, jnp.float32)), np.float64) + delta_logp
-    return logp, z, int(sol.nfev)
+        def ode_func(t, y):
+            xt = jnp.asarray(y[:-b].reshape(shape), jnp.float32)
+            drift, div = rhs(state, xt, jnp.full((b,), t, jnp.float32), v, class_labels)
+            return np.concatenate([np.asarray(drift, np.float64).ravel(), np.asarray(div, np.float64)])
+
+        y0 = np.concatenate([np.asarray(x, np.float64).ravel(), np.zeros(b)])
+        sol = integrate.solve_ivp(ode_func, (eps, process.T), y0, rtol=rtol, atol=atol, method=method)
+        if not sol.success:
+            raise RuntimeError(f"PF-ODE likelihood solver ({method}) failed: {sol.message}")
+        z = sol.y[:-b, -1].reshape(shape)
+        delta_logp = sol.y[-b:, -1]
+        logp = np.asarray(process.prior_logp(jnp.asarray(z, jnp.float32)), np.float64) + delta_logp
+        return logp, z, int(sol.nfev)
+
+    return likelihood_fn
+
+
+def log_likelihood(denoise_fn, process: SDE, key, x, class_labels=None, **options):
+    """One-shot `get_likelihood_fn(denoise_fn, process, **options)(key, x, class_labels)`."""
+    return get_likelihood_fn(denoise_fn, process, **options)(key, x, class_labels)
 
 
 def uniform_dequantize(key, images) -> jax.Array:
@@ -111,19 +117,29 @@ def uniform_dequantize(key, images) -> jax.Array:
 BPD_OFFSET = 7.
 
 
-def bits_per_dim(denoise_fn, process: SDE, key, images, class_labels=None, *, dequantize: bool = True,
-                 **ode_options):
-    """Score-SDE's bits/dim of 8-bit images in [-1, 1]: -log2 p(dequantised x) / D + 7.
+def get_bpd_fn(denoise_fn, process: SDE, *, dequantize: bool = True, **ode_options):
+    """`bpd_fn(key, images, class_labels=None) -> (bpd, z, nfe)`: Score-SDE's bits/dim of 8-bit
+    images in [-1, 1], -log2 p(dequantised x) / D + 7.
 
     With uniform dequantisation this is an upper bound on the discrete 8-bit NLL (one sample of u).
-    `ode_options` go to `log_likelihood`. Returns (bpd [B], z, nfe)."""
-    images = jnp.asarray(images, jnp.float32)
-    lo, hi = float(jnp.min(images)), float(jnp.max(images))
-    if lo < -1. - 1e-6 or hi > 1. + 1e-6:
-        raise ValueError(f"bits_per_dim expects images in [-1, 1], got values in [{lo:.3g}, {hi:.3g}]; "
-                         f"scale 8-bit data by x / 127.5 - 1")
-    k_deq, k_ode = jax.random.split(key)
-    x = uniform_dequantize(k_deq, images) if dequantize else images
-    logp, z, nfe = log_likelihood(denoise_fn, process, k_ode, x, class_labels, **ode_options)
-    dim = math.prod(images.shape[1:])
-    return -logp / (dim * np.log(2.)) + BPD_OFFSET, z, nfe
+    `ode_options` go to `get_likelihood_fn`."""
+    likelihood_fn = get_likelihood_fn(denoise_fn, process, **ode_options)
+
+    def bpd_fn(key, images, class_labels=None):
+        images = jnp.asarray(images, jnp.float32)
+        lo, hi = float(jnp.min(images)), float(jnp.max(images))
+        if lo < -1. - 1e-6 or hi > 1. + 1e-6:
+            raise ValueError(f"bits/dim expects images in [-1, 1], got values in [{lo:.3g}, {hi:.3g}]; "
+                             f"scale 8-bit data by x / 127.5 - 1")
+        k_deq, k_ode = jax.random.split(key)
+        x = uniform_dequantize(k_deq, images) if dequantize else images
+        logp, z, nfe = likelihood_fn(k_ode, x, class_labels)
+        dim = math.prod(images.shape[1:])
+        return -logp / (dim * np.log(2.)) + BPD_OFFSET, z, nfe
+
+    return bpd_fn
+
+
+def bits_per_dim(denoise_fn, process: SDE, key, images, class_labels=None, **options):
+    """One-shot `get_bpd_fn(denoise_fn, process, **options)(key, images, class_labels)`."""
+    return get_bpd_fn(denoise_fn, process, **options)(key, images, class_labels)

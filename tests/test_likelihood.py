@@ -95,5 +95,22 @@ def test_bad_input_raises():
     g = GaussianDenoiser(p, M, S)
     with pytest.raises(ValueError, match=r"valid: \['rademacher', 'gaussian', 'exact'\]"):
         likelihood.log_likelihood(g, p, jax.random.key(0), jnp.zeros((2, 3)), hutchinson='skilling')
-    with pytest.raises(ValueError, match=r'expects images in \[-1, 1\]'):
+    with pytest.raises(ValueError, match=r'bits/dim expects images in \[-1, 1\]'):
         likelihood.bits_per_dim(g, p, jax.random.key(0), jnp.full((2, 3), 255.))
+
+
+def test_likelihood_fn_traces_once():
+    p = sde.EDM()
+    g, traces = GaussianDenoiser(p, M, S), []
+
+    def denoise_fn(x_t, t, c):
+        traces.append(1)  # runs at trace time only
+        return g(x_t, t, c)
+
+    fn = likelihood.get_likelihood_fn(denoise_fn, p, hutchinson='exact')
+    x = g.sample(jax.random.key(7), 4)
+    lp1, _, nfe1 = fn(jax.random.key(8), x)
+    n_traces = len(traces)
+    lp2, _, nfe2 = fn(jax.random.key(9), x + 0.1)
+    assert len(traces) == n_traces and nfe1 > 10 and nfe2 > 10
+    assert not np.allclose(lp1, lp2)
