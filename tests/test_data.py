@@ -1,4 +1,4 @@
-"""Datasets: toy mixtures (sampling, exact density, denoiser), batching invariants, image loaders."""
+"""Datasets: toy mixtures (sampling, density, denoiser), batching invariants, image loaders."""
 import gzip
 import os
 import time
@@ -249,6 +249,9 @@ def test_cifar10_through_tfds_data_source(tmp_path):
         assert conditional.num_classes == 10
         with pytest.raises(ValueError, match="must be 0 .* or 10"):
             data.get_dataset(_config(name="cifar10", data_dir=str(tmp_path), num_classes=100),
+                             global_batch_size=8)
+        with pytest.raises(ValueError, match=r"Unknown split 'val'.*'train', 'test'"):
+            data.get_dataset(_config(name="cifar10", data_dir=str(tmp_path), split="val"),
                              global_batch_size=8)
 
 

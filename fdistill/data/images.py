@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import gzip
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -60,18 +61,22 @@ class ArraySource:
 
 
 class TfdsSource:
-    """Random-access tfds data source (array_record); images uint8 -> float32 in [-1, 1]."""
+    """Random-access tfds data source (array_record); images uint8 -> float32 in [-1, 1].
+
+    Records are read and decoded on a small thread pool (decoding releases the GIL).
+    """
 
     def __init__(self, source, image_size: int, num_classes: int):
         self.source = source
         self.image_size = image_size
         self.num_classes = num_classes
+        self._pool = ThreadPoolExecutor(min(16, os.cpu_count() or 1))
 
     def __len__(self) -> int:
         return len(self.source)
 
     def read(self, indices: np.ndarray):
-        records = [self.source[int(i)] for i in indices]
+        records = list(self._pool.map(self.source.__getitem__, (int(i) for i in indices)))
         images = np.stack([r["image"] for r in records])
         if images.shape[1:3] != (self.image_size, self.image_size):
             raise ValueError(f"tfds images are {images.shape[1]}x{images.shape[2]} but "
@@ -247,9 +252,10 @@ def tfds_source(name: str, split: str, data_dir: str | None, image_size: int) ->
         raise ValueError(
             f"tfds dataset {name!r} in {builder.data_dir} is prepared as {file_format}, but "
             f"random access needs array_record. Prepare it again with\n    {prepare}")
-    if split not in builder.info.splits:
-        raise ValueError(f"unknown split {split!r} of {name!r}; valid: "
-                         f"{', '.join(builder.info.splits)}")
+    try:
+        builder.info.splits[split]  # accepts sub-splits such as 'train[:90%]'
+    except ValueError as e:
+        raise ValueError(f"bad split {split!r} for tfds dataset {name!r}: {e}") from None
     features = builder.info.features
     num_classes = features["label"].num_classes if "label" in features else 0
     return TfdsSource(builder.as_data_source(split=split), image_size, num_classes)

@@ -42,7 +42,8 @@ class GaussianMixture2D:
             raise ValueError(f"need one weight per mode: {weights.shape[0] if weights.ndim else 0} "
                              f"weights for {means.shape[0]} means")
         if np.any(weights < 0) or not weights.sum() > 0:
-            raise ValueError(f"mixture weights must be non-negative with a positive sum, got {weights}")
+            raise ValueError(f"mixture weights must be non-negative with a positive sum, "
+                             f"got {weights}")
         if not std > 0:
             raise ValueError(f"the mode std must be positive, got {std}")
         self.name = name
@@ -57,7 +58,7 @@ class GaussianMixture2D:
         return self.means.shape[0]
 
     def sample_with_modes(self, keys):
-        """One draw per key (``keys``: [n] typed keys) -> (x [n, 2] float32, mode index [n] int32)."""
+        """One draw per key (``keys``: [n] typed keys) -> (x [n, 2] float32, mode [n] int32)."""
         return _draw(keys, *self._params)
 
     def sample(self, key, n: int):
@@ -72,7 +73,7 @@ class GaussianMixture2D:
         return _component_log_probs(x_t, alpha, sigma, *self._params)
 
     def marginal_log_prob(self, x_t, alpha=1.0, sigma=0.0):
-        """Exact ``log p_t(x_t)`` of ``x_t = alpha x_0 + sigma eps``, ``x_0 ~ p``: shape ``[...]``."""
+        """Exact ``log p_t(x_t)`` of ``x_t = alpha x_0 + sigma eps``, ``x_0 ~ p``: ``[...]``."""
         return _marginal_log_prob(x_t, alpha, sigma, *self._params)
 
     def log_prob(self, x):
@@ -188,7 +189,8 @@ class ToyDataset:
             raise ValueError(f"a toy can be conditioned on its mode index only: num_classes must "
                              f"be 0 or {distribution.num_modes}, got {num_classes}")
         self.distribution = distribution
-        self.name = distribution.name
+        self.name = "toy"
+        self.toy = distribution.name
         self.num_classes = num_classes
         self.global_batch_size = global_batch_size
         self.local_batch_size = global_batch_size // process_count

@@ -1,4 +1,4 @@
-"""Metrics on 2-D toys, where the true density ``p`` is known and the model ``q`` is given by samples.
+"""Metrics on 2-D toys: the true density ``p`` is known, the model ``q`` is given by samples.
 
 ``dataset`` is anything with the toy interface of ``fdistill.data.toy`` (``means`` [K, 2],
 ``weights`` [K], ``std``, ``log_prob(x)``, ``sample(key, n)``): a ``ToyDataset`` or a
@@ -42,7 +42,8 @@ def _points(samples) -> np.ndarray:
     if x.ndim != 2 or x.shape[1] != 2:
         raise ValueError(f"toy samples must have shape [n, 2], got {x.shape}")
     if not np.all(np.isfinite(x)):
-        raise ValueError(f"{np.sum(~np.isfinite(x).all(axis=1))} of {len(x)} samples are not finite")
+        bad = int(np.sum(~np.isfinite(x).all(axis=1)))
+        raise ValueError(f"{bad} of {len(x)} samples are not finite")
     return x
 
 
@@ -55,7 +56,7 @@ def _log_p(dataset, x: np.ndarray) -> np.ndarray:
 
 
 def mode_recall(dataset, samples, *, k_std: float = 3.0, min_fraction: float = 0.1) -> float:
-    """Fraction of modes holding >= ``min_fraction`` of their expected share within ``k_std`` std."""
+    """Fraction of modes with >= ``min_fraction`` of their expected count within ``k_std`` std."""
     x = _points(samples)
     counts = cKDTree(x).query_ball_point(np.asarray(dataset.means, np.float64),
                                          r=k_std * dataset.std, return_length=True)
