@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from typing import Callable
 
 import numpy as np
@@ -49,8 +50,12 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
     if mu1.shape != (d,) or mu2.shape != (d,) or sigma1.shape != (d, d) or sigma2.shape != (d, d):
         raise ValueError(f"statistics do not match: mu1 {mu1.shape}, sigma1 {sigma1.shape}, "
                          f"mu2 {mu2.shape}, sigma2 {sigma2.shape}")
-    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)  # handled just below
+        covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
     if not np.all(np.isfinite(covmean)):
+        warnings.warn(f"sigma1 @ sigma2 has no finite square root (singular product); adding "
+                      f"{eps} to the covariances' diagonals, as pytorch-fid does")
         offset = eps * np.eye(d)
         covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
     if np.iscomplexobj(covmean):
@@ -70,7 +75,7 @@ class FeatureStats:
     and EDM's running sums.
     """
 
-    def __init__(self, dim: int = inception_lib.NUM_FEATURES):
+    def __init__(self, dim: int):
         self.dim, self.n = dim, 0
         self.mean = np.zeros(dim)
         self.m2 = np.zeros((dim, dim))
@@ -139,14 +144,17 @@ def load_stats(path: str) -> dict:
 
 def _stream(batches, inception_fn, num_samples: int, *, keep_features: int, progress: bool,
             what: str):
-    """Runs uint8 image batches through Inception: (FeatureStats, logits, kept pool features)."""
-    stats = FeatureStats()
+    """Runs uint8 image batches through a feature network (the Inception callable or any with its
+    interface): (FeatureStats, logits, kept features)."""
+    stats = None
     logits, kept = [], []
     n_kept = done = 0
     t0 = time.time()
     for images in batches:
         images = images[:num_samples - done]
         pool, lg = inception_fn(images)
+        if stats is None:
+            stats = FeatureStats(np.shape(pool)[1])
         stats.update(pool)
         logits.append(np.asarray(lg, np.float32))
         if n_kept < keep_features:
@@ -160,9 +168,8 @@ def _stream(batches, inception_fn, num_samples: int, *, keep_features: int, prog
             break
     if done < num_samples:
         raise ValueError(f"{what}: the source ran out after {done} of {num_samples} images")
-    dim = inception_lib.NUM_FEATURES
-    return (stats, np.concatenate(logits) if logits else np.zeros((0, inception_lib.NUM_LOGITS)),
-            np.concatenate(kept) if kept else np.zeros((0, dim), np.float32))
+    return (stats, np.concatenate(logits),
+            np.concatenate(kept) if kept else np.zeros((0, stats.dim), np.float32))
 
 
 def _dataset_batches(dataset, num_samples: int, batch_size: int):
