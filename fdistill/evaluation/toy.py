@@ -27,6 +27,8 @@
   estimate with one global bandwidth would smear narrow modes instead (a rule of thumb gives ~0.3
   on a ring of radius 2, six times a mode's std). Where ``P(B)`` underflows (a sample far from
   every mode) it is replaced by its small-ball value ``p(z) pi rho^2``, computed in log space.
+  (The k-NN divergence estimators of Wang, Kulkarni & Verdu 2009 estimate ``P(B)`` from samples
+  of ``p`` too; knowing ``p`` we compute it.)
 """
 from __future__ import annotations
 
