@@ -46,7 +46,8 @@ def dsm_losses(model, process: SDE, key, x0, class_labels=None, *, likelihood_we
 def edm_losses(model, process: EDM, key, x0, class_labels=None, *, reduce_mean=True, dropout_key=None):
     """EDM eq. 8 / Table 1, per example: ln sigma ~ N(P_mean, P_std^2), n ~ N(0, sigma^2 I),
 
-        lambda(sigma) || D(x_0 + n; sigma) - x_0 ||^2,  lambda = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2,
+        lambda(sigma) || D(x_0 + n; sigma) - x_0 ||^2,
+        lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2,
 
     summed over the data dimensions as in EDM (reduce_mean=False) or averaged (reduce_mean=True).
     Returns (losses [B], sigma [B])."""
@@ -105,6 +106,7 @@ def get_loss_fn(config):
     use_dropout = float(config.model.get('dropout', 0.)) > 0
     reduce_mean = config.training.reduce_mean
     likelihood_weighting = config.training.get('likelihood_weighting', False)
+    dsm_eps = process.eps if isinstance(process, EDM) else DSM_EPS  # EDM's time is sigma >= sigma_min
     if name == 'edm' and likelihood_weighting:
         raise ValueError("config.training.likelihood_weighting applies to loss 'dsm' only; "
                          "EDM's loss has its own weight lambda(sigma)")
@@ -123,7 +125,7 @@ def get_loss_fn(config):
                                        dropout_key=dropout_key)
         else:
             losses, sigma = dsm_losses(model, process, k_noise, x0, labels, reduce_mean=reduce_mean,
-                                       likelihood_weighting=likelihood_weighting,
+                                       likelihood_weighting=likelihood_weighting, eps=dsm_eps,
                                        dropout_key=dropout_key)
         loss = jnp.mean(losses)
         return loss, {'train/loss': loss, **sigma_bin_metrics(losses, sigma)}

@@ -127,7 +127,8 @@ def pc(denoise_fn: DenoiseFn, process: SDE, key, shape, class_labels=None, *, sn
     Tweedie's D(x_eps, eps) from the last predictor evaluation. nfe = N (n_corrector + 1).
     """
     if n_corrector < 0:
-        raise ValueError(f"pc: n_corrector (corrector steps per predictor step) must be >= 0, got {n_corrector}")
+        raise ValueError(f"pc: n_corrector (Langevin steps per predictor step) must be >= 0, "
+                         f"got {n_corrector}")
     if num_steps is not None:
         process = dataclasses.replace(process, N=num_steps)
     n = process.N

@@ -365,7 +365,8 @@ class EDM(SDE):
         return self.karras_sigmas(n)
 
     def discretize(self, x, t):
-        """SMLD-style step on the N-step Karras grid: sigma_i -> sigma_{i+1}, G = sqrt(sigma_i^2 - sigma_{i+1}^2)."""
+        """SMLD-style step on the N-step Karras grid, sigma_i -> sigma_{i+1} (0 after sigma_min):
+        f = 0, G = sqrt(sigma_i^2 - sigma_{i+1}^2)."""
         lo, hi = self.sigma_min ** (1. / self.rho), self.sigma_max ** (1. / self.rho)
         u = (jnp.asarray(t, jnp.float32) ** (1. / self.rho) - hi) / (lo - hi) * max(self.N - 1, 1)
         i = jnp.clip(jnp.round(u), 0, self.N - 1)

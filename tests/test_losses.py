@@ -68,7 +68,8 @@ def test_dsm_loss_at_its_minimum_matches_closed_form(p):
     assert abs(float(jnp.mean(l)) / expected - 1) < 0.04
     # Mean off by delta: the denoiser is off by delta sigma^2 / v, v = alpha^2 s^2 + sigma^2.
     delta = 0.3
-    excess = expectation(lambda a, sig, s2: a ** 2 / sig ** 2 * (delta * sig ** 2 / (a ** 2 * s2 + sig ** 2)) ** 2)
+    excess = expectation(
+        lambda a, sig, s2: a ** 2 / sig ** 2 * (delta * sig ** 2 / (a ** 2 * s2 + sig ** 2)) ** 2)
     l_wrong, _ = losses.dsm_losses(GaussianDenoiser(p, M + delta, S), p, jax.random.key(3), x)
     assert abs(float(jnp.mean(l_wrong - l)) / excess - 1) < 0.1
 
@@ -150,7 +151,8 @@ def test_loss_fn_is_jittable_and_matches_edm_losses():
     p = sde.EDM()
     g, x = _data(p, 32)
     loss_fn = losses.get_loss_fn(_config())
-    loss, _ = jax.jit(lambda k, b: loss_fn(g, k, b))(jax.random.key(7), {'x': x, 'label': jnp.zeros((32,), jnp.int32)})
+    batch = {'x': x, 'label': jnp.zeros((32,), jnp.int32)}
+    loss, _ = jax.jit(lambda k, b: loss_fn(g, k, b))(jax.random.key(7), batch)
     k_noise = jax.random.split(jax.random.key(7), 3)[0]
     np.testing.assert_allclose(loss, jnp.mean(losses.edm_losses(g, p, k_noise, x)[0]), rtol=1e-5)
 

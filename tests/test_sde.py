@@ -20,7 +20,8 @@ def test_default_hyperparameters():
     assert (sde.VPSDE().beta_min, sde.VPSDE().beta_max, sde.VPSDE().N) == (0.1, 20., 1000)
     assert (sde.VESDE().sigma_min, sde.VESDE().sigma_max, sde.VESDE().N) == (0.01, 50., 1000)
     e = sde.EDM()
-    assert (e.sigma_min, e.sigma_max, e.sigma_data, e.P_mean, e.P_std, e.rho) == (0.002, 80., 0.5, -1.2, 1.2, 7.)
+    assert (e.sigma_min, e.sigma_max, e.sigma_data) == (0.002, 80., 0.5)
+    assert (e.P_mean, e.P_std, e.rho) == (-1.2, 1.2, 7.)
     assert (e.T, e.eps) == (80., 0.002)
 
 
