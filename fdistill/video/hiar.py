@@ -1,0 +1,308 @@
+"""Samplers and schedules for autoregressive video (HiAR, arXiv 2603.08703).
+
+A few-step student denoises every block of ``block_size`` frames through the step levels
+``sigma_0 = sigma_max > sigma_1 > ... > sigma_{S-1} > sigma_S = 0`` (``step_sigmas``). One
+step at level j is the consistency-style update of DMD / Self-Forcing:
+
+    x0_hat = G(x^{(j)}, sigma_j | context),    x^{(j+1)} = x0_hat + sigma_{j+1} eps_{j+1}.
+
+Two orders over the (block b, step j) grid:
+
+- ``'block_first'`` (CausVid / Self-Forcing): finish block b through all S steps, then append
+  its *clean* result to the KV cache and start block b+1.
+- ``'hierarchical'`` (HiAR, step-first): for each step j, run causally over all blocks; block b
+  attends to blocks < b at the *same* level sigma_{j+1} (the output level of step j), never to
+  fully clean context; the cache is rebuilt at every step.
+
+In the hierarchical order cell (b, j) needs only (b, j-1) and the cells (< b, j), so the
+anti-diagonals b + j = const can run at once: ``pipelined_hierarchical`` places step j on
+device j of a mesh axis ``'step'`` and passes blocks down the pipeline with ``ppermute``.
+
+All randomness is one array ``noise [S, B, T, H, W, C]`` (``draw_noise``): ``noise[0]`` is the
+initial noise (x^{(0)} = sigma_0 noise[0]) and ``noise[j]`` (j >= 1) re-noises to level sigma_j,
+so every schedule over the same noise yields the same video.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, PartitionSpec as P
+
+from fdistill.models import video as video_models
+
+ORDERS = ("block_first", "hierarchical")
+STEP_AXIS = "step"
+
+
+def check_order(order: str) -> None:
+    if order not in ORDERS:
+        raise ValueError(f"unknown denoising order {order!r}; valid: {', '.join(ORDERS)}.")
+
+
+def step_sigmas(num_steps: int, *, sigma_max: float = 80.0, sigma_last: float = 0.5,
+                rho: float = 7.0) -> np.ndarray:
+    """The student's levels: ``num_steps`` Karras-spaced (EDM eq. 5) from sigma_max down to
+    ``sigma_last``, then 0 (length ``num_steps + 1``)."""
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1; got {num_steps}.")
+    if num_steps == 1:
+        return np.asarray([sigma_max, 0.0], np.float32)
+    u = np.linspace(0.0, 1.0, num_steps)
+    s = (sigma_max ** (1 / rho) + u * (sigma_last ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    return np.append(s, 0.0).astype(np.float32)
+
+
+def draw_noise(key, num_steps: int, shape) -> jax.Array:
+    """``[num_steps, *shape]`` standard normals: initial noise, then one re-noising per level."""
+    return jax.random.normal(key, (num_steps, *shape), jnp.float32)
+
+
+def _blocks(x, block_size):
+    """``[B, T, ...] -> [T / block_size, B, block_size, ...]`` (scan over blocks)."""
+    b, t = x.shape[:2]
+    return jnp.moveaxis(x.reshape(b, t // block_size, block_size, *x.shape[2:]), 1, 0)
+
+
+def _unblocks(x):
+    nb, b, bs = x.shape[:3]
+    return jnp.moveaxis(x, 0, 1).reshape(b, nb * bs, *x.shape[3:])
+
+
+def _level(x, sigma):
+    return jnp.full(x.shape[:2], sigma, jnp.float32)
+
+
+def _check(model, noise, sigmas, block_size, window):
+    sigmas = np.asarray(sigmas)
+    if noise.ndim != 6 or noise.shape[0] != len(sigmas) - 1:
+        raise ValueError(f"noise must be [num_steps={len(sigmas) - 1}, B, T, H, W, C] "
+                         f"(draw_noise); got shape {noise.shape}.")
+    video_models.check_attention("block_causal", noise.shape[2], block_size)
+    video_models.check_window(window, block_size)
+    if sigmas[-1] != 0:
+        raise ValueError(f"the last student level must be 0; got {sigmas[-1]}.")
+
+
+def cell(model, x_in, sigma_in, sigma_out, eps, cache, offset):
+    """Cell (b, j): one step of one block against ``cache`` (context at level ``sigma_out``).
+
+    Returns ``(x0_hat, x_out, cache')`` with ``x_out = x0_hat + sigma_out eps`` and the cache
+    extended by ``x_out``'s keys/values computed at level ``sigma_out`` (context for later blocks).
+    """
+    x0, _ = model.cached(x_in, _level(x_in, sigma_in), cache, frame_offset=offset)
+    x_out = x0 + sigma_out * eps
+    _, kv = model.cached(x_out, _level(x_out, sigma_out), cache, frame_offset=offset)
+    return x0, x_out, video_models.append_to_cache(cache, kv)
+
+
+def rollout(model, noise, sigmas, *, block_size: int, window: int,
+            order: str = "hierarchical", exit_step=None):
+    """The student's autoregressive rollout (traceable; ``model`` is a merged VideoDenoiser).
+
+    ``noise [S, B, T, ...]``, ``sigmas`` the S + 1 levels. Returns the clip ``[B, T, ...]``:
+    x0_hat of the last step, or of step ``exit_step`` (a traced int) for self-rollout
+    training, where the rollout stops at that step for every block and gradients flow only
+    through that step's network calls (inputs and KV caches are ``stop_gradient``-ed).
+    """
+    check_order(order)
+    _check(model, noise, sigmas, block_size, window)
+    sigmas = np.asarray(sigmas, np.float32)
+    num_steps, batch = noise.shape[0], noise.shape[1]
+    eps = jax.vmap(lambda n: _blocks(n, block_size))(noise)           # [S, nb, B, bs, ...]
+    offsets = jnp.arange(eps.shape[1]) * block_size
+    grad = exit_step is not None
+    sg = jax.lax.stop_gradient if grad else (lambda a: a)
+    fresh = lambda: video_models.empty_cache(model.net, batch, window=window,
+                                             block_size=block_size)
+    level_out = lambda j: float(sigmas[j + 1])                        # 0 after the last step
+    noise_out = lambda e, j: e[min(j + 1, num_steps - 1)]             # unused when level is 0
+
+    def steps(x, run):
+        """Runs ``run(j, x) -> (x0, x_next)`` for j = 0..S-1; returns x0 of the last/exit step."""
+        out = jnp.zeros_like(x)
+        for j in range(num_steps):
+            if grad:
+                x0, x_next = jax.lax.cond(j <= exit_step, lambda x, j=j: run(j, x),
+                                          lambda x: (x, x), x)
+                out = jnp.where(j == exit_step, x0, out)
+            else:
+                x0, x_next = run(j, x)
+                out = x0
+            x = sg(x_next)
+        return out
+
+    if order == "hierarchical":
+        def one_step(j, x):
+            def over_blocks(cache, inputs):
+                x_in, e, off = inputs
+                x0, x_out, cache = cell(model, x_in, sigmas[j], level_out(j), e, cache, off)
+                return jax.tree.map(sg, cache), (x0, x_out)
+
+            _, (x0, x_out) = jax.lax.scan(over_blocks, fresh(),
+                                          (x, noise_out(eps, j), offsets))
+            return x0, x_out
+
+        return _unblocks(steps(sigmas[0] * eps[0], one_step))
+
+    def one_block(cache, inputs):
+        e, off = inputs                                               # e [S, B, bs, ...]
+
+        def one_step(j, x):
+            x0, _ = model.cached(x, _level(x, sigmas[j]), cache, frame_offset=off)
+            return x0, x0 + level_out(j) * noise_out(e, j)
+
+        out = steps(sigmas[0] * e[0], one_step)
+        _, kv = model.cached(sg(out), _level(out, 0.0), cache, frame_offset=off)
+        return jax.tree.map(sg, video_models.append_to_cache(cache, kv)), out
+
+    _, out = jax.lax.scan(one_block, fresh(), (jnp.moveaxis(eps, 0, 1), offsets))
+    return _unblocks(out)
+
+
+def sample(model, noise, sigmas, *, block_size: int, window: int,
+           order: str = "hierarchical") -> jax.Array:
+    """Jitted rollout of a VideoDenoiser (any clip length; sliding KV window of ``window``)."""
+    check_order(order)
+    _check(model, noise, sigmas, block_size, window)
+    graphdef, state = nnx.split(model)
+    return _sample_jit(graphdef, state, noise, tuple(float(s) for s in sigmas), block_size,
+                       window, order)
+
+
+def _sample_impl(graphdef, state, noise, sigmas, block_size, window, order):
+    return rollout(nnx.merge(graphdef, state), noise, np.asarray(sigmas, np.float32),
+                   block_size=block_size, window=window, order=order)
+
+
+_sample_jit = jax.jit(_sample_impl, static_argnums=(0, 3, 4, 5, 6))
+
+
+# ---------------------------------------------------------------------------------------------
+# Pipelined hierarchical schedule: one device per step, anti-diagonal waves.
+
+def step_mesh(num_steps: int) -> Mesh:
+    """A 1-D mesh of ``num_steps`` devices along axis ``'step'``."""
+    devices = jax.devices()
+    if len(devices) < num_steps:
+        raise ValueError(
+            f"the pipelined schedule needs one device per step: {num_steps} steps but "
+            f"{len(devices)} devices. On CPU, set XLA_FLAGS=--xla_force_host_platform_device_"
+            f"count={num_steps} before importing jax; or use fewer student steps.")
+    return Mesh(np.asarray(devices[:num_steps]), (STEP_AXIS,), axis_types=(AxisType.Auto,))
+
+
+def pipelined_hierarchical(model, noise, sigmas, *, block_size: int, window: int,
+                           mesh: Mesh | None = None) -> jax.Array:
+    """The hierarchical rollout with step j on device j: wave w runs cells (w - j, j) at once.
+
+    Device j keeps the KV cache of step j (context at sigma_{j+1}); after each wave it sends its
+    block's ``x_out`` to device j + 1 (``ppermute``). The last device's x0_hat are the frames.
+    Same cells, same noise, same arithmetic as ``rollout(order='hierarchical')``.
+    """
+    _check(model, noise, sigmas, block_size, window)
+    num_steps, batch, t = noise.shape[:3]
+    mesh = step_mesh(num_steps) if mesh is None else mesh
+    if mesh.shape.get(STEP_AXIS) != num_steps:
+        raise ValueError(f"mesh axis '{STEP_AXIS}' must have {num_steps} devices (one per "
+                         f"step); got mesh shape {dict(mesh.shape)}.")
+    graphdef, state = nnx.split(model)
+    fn = _pipeline_fn(graphdef, tuple(float(s) for s in sigmas), block_size, window, mesh,
+                      noise.shape)
+    return fn(state, noise)[num_steps - 1]
+
+
+@functools.lru_cache(maxsize=16)
+def _pipeline_fn(graphdef, sigmas, block_size, window, mesh, shape):
+    num_steps, batch, t = shape[:3]
+    nb = t // block_size
+    sig = jnp.asarray(sigmas + (0.0,), jnp.float32)
+    perm = [(i, i + 1) for i in range(num_steps - 1)]
+
+    def body(state, noise):
+        model = nnx.merge(graphdef, state)
+        j = jax.lax.axis_index(STEP_AXIS)
+        sigma_in, sigma_out = sig[j], jnp.where(j + 1 < num_steps, sig[j + 1], 0.0)
+        block = lambda a, b: jax.lax.dynamic_slice_in_dim(a, b * block_size, block_size, 1)
+        cache0 = video_models.empty_cache(model.net, batch, window=window,
+                                          block_size=block_size)
+        recv0 = jnp.zeros((batch, block_size, *shape[3:]), jnp.float32)
+        out0 = jnp.zeros(shape[1:], jnp.float32)
+
+        def wave(w, carry):
+            cache, recv, out = carry
+            b = w - j
+            active = (b >= 0) & (b < nb)
+            bc = jnp.clip(b, 0, nb - 1)
+            x_in = jnp.where(j == 0, sig[0] * block(noise[0], bc), recv)
+            eps = block(noise[jnp.minimum(j + 1, num_steps - 1)], bc)
+            x0, x_out, new_cache = cell(model, x_in, sigma_in, sigma_out, eps, cache,
+                                        bc * block_size)
+            cache = jax.tree.map(lambda n, o: jnp.where(active, n, o), new_cache, cache)
+            written = jax.lax.dynamic_update_slice_in_dim(out, x0, bc * block_size, 1)
+            out = jnp.where(active & (j == num_steps - 1), written, out)
+            recv = jax.lax.ppermute(x_out, STEP_AXIS, perm)
+            return cache, recv, out
+
+        _, _, out = jax.lax.fori_loop(0, nb + num_steps - 1, wave, (cache0, recv0, out0))
+        return out[None]
+
+    return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P(), P()), out_specs=P(STEP_AXIS),
+                                 check_vma=False))
+
+
+# ---------------------------------------------------------------------------------------------
+# The teacher's sampler.
+
+def heun(model, x_T, sigmas, *, record=()) -> tuple[jax.Array, list[jax.Array]]:
+    """EDM Algorithm 1 (deterministic Heun, 2nd order) on the bidirectional teacher.
+
+    ``x_T [B, T, ...]`` at ``sigmas[0]``; ``sigmas`` decreasing to 0. Returns the sample and the
+    states at the grid indices in ``record`` (e.g. the student's levels, for ODE pairs).
+    """
+    x, kept = x_T, []
+    for i in range(len(sigmas) - 1):
+        if i in record:
+            kept.append(x)
+        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+        d = (x - model(x, _level(x, s))) / s
+        x_next = x + (s_next - s) * d
+        if s_next > 0:
+            d_next = (x_next - model(x_next, _level(x, s_next))) / s_next
+            x_next = x + (s_next - s) * 0.5 * (d + d_next)
+        x = x_next
+    return x, kept
+
+
+def teacher_grid(student_sigmas, substeps: int, *, sigma_min: float = 0.002,
+                 rho: float = 7.0) -> tuple[np.ndarray, list[int]]:
+    """A Heun grid through every student level: ``substeps`` Karras steps per student interval
+    (the last one ends at ``sigma_min``, then 0). Returns the grid and the student levels'
+    indices in it."""
+    s = np.asarray(student_sigmas, np.float64)[:-1]
+    ends = np.append(s[1:], sigma_min)
+    grid, where = [], []
+    for hi, lo in zip(s, ends):
+        where.append(len(grid))
+        u = np.arange(substeps) / substeps
+        grid.extend((hi ** (1 / rho) + u * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho)
+    grid.extend([sigma_min, 0.0])
+    return np.asarray(grid, np.float32), where
+
+
+def heun_nfe(grid) -> int:
+    """Network evaluations of ``heun`` on ``grid`` (2 per step, 1 for the step to 0)."""
+    n = len(grid) - 1
+    return 2 * n - int(np.sum(np.asarray(grid)[1:] == 0))
+
+
+def teacher_sample(model, key, shape, *, num_steps: int = 18, process=None) -> jax.Array:
+    """Bidirectional teacher clips ``shape = (B, T, H, W, C)`` with Heun on the Karras grid."""
+    process = model.process if process is None else process
+    sigmas = np.asarray(process.karras_sigmas(num_steps))
+    graphdef, state = nnx.split(model)
+    fn = jax.jit(lambda st, z: heun(nnx.merge(graphdef, st), z * sigmas[0], sigmas)[0])
+    return fn(state, jax.random.normal(key, shape))

@@ -1,0 +1,126 @@
+"""Video transformer: attention masks, KV cache == block-causal forward, sliding window, errors."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from fdistill import sde
+from fdistill.models import video as V
+
+T, BS, SIZE = 4, 2, 8
+
+
+def tiny_denoiser(seed: int = 0, *, dim: int = 16, depth: int = 2) -> V.VideoDenoiser:
+    """A tiny video denoiser whose zero-initialised layers are perturbed (so every path matters)."""
+    net = V.VideoTransformer(frame_size=SIZE, channels=1, patch_size=4, dim=dim, depth=depth,
+                             num_heads=2, mlp_ratio=2, rngs=nnx.Rngs(seed))
+    graphdef, state = nnx.split(net)
+    leaves, tree = jax.tree.flatten(state)
+    keys = jax.random.split(jax.random.key(seed + 100), len(leaves))
+    leaves = [a + 0.2 * jax.random.normal(k, a.shape) for a, k in zip(leaves, keys)]
+    return V.VideoDenoiser(nnx.merge(graphdef, jax.tree.unflatten(tree, leaves)), sde.EDM())
+
+
+def _clip(seed, t=T, b=2):
+    return jax.random.normal(jax.random.key(seed), (b, t, SIZE, SIZE, 1))
+
+
+def test_block_causal_mask_allows_exactly_the_intended_pairs():
+    t, bs = 6, 2
+    mask = V.frame_mask(t, "block_causal", bs)
+    expected = np.zeros((t, t), bool)
+    for i in range(t):
+        for j in range(t):
+            same_block = i // bs == j // bs
+            earlier_block = j // bs < i // bs
+            expected[i, j] = same_block or earlier_block
+    np.testing.assert_array_equal(mask, expected)
+    assert mask[0, 1] and not mask[1, 2] and mask[3, 0] and not mask[3, 4]
+    assert V.frame_mask(t, "bidirectional").all()
+    np.testing.assert_array_equal(V.frame_mask(t, "block_causal", 1), np.tril(np.ones((t, t), bool)))
+
+
+def test_block_causal_forward_ignores_the_future_and_bidirectional_does_not():
+    model = tiny_denoiser()
+    x, sigma = _clip(0), jnp.full((2, T), 1.5)
+    x_changed = x.at[:, BS:].add(1.0)
+    bc = lambda a: model(a, sigma, attention="block_causal", block_size=BS)
+    np.testing.assert_allclose(bc(x)[:, :BS], bc(x_changed)[:, :BS], atol=1e-6)
+    assert jnp.abs(model(x, sigma)[:, :BS] - model(x_changed, sigma)[:, :BS]).max() > 1e-3
+
+
+def test_kv_cache_inference_equals_block_causal_forward():
+    model = tiny_denoiser(1)
+    x = _clip(1)
+    sigma = jnp.exp(jax.random.normal(jax.random.key(2), (2, T)))
+    full = model(x, sigma, attention="block_causal", block_size=BS)
+    cache = V.empty_cache(model.net, 2, window=T, block_size=BS)
+    outs = []
+    for b in range(T // BS):
+        sl = slice(b * BS, (b + 1) * BS)
+        out, kv = model.cached(x[:, sl], sigma[:, sl], cache, frame_offset=b * BS)
+        cache = V.append_to_cache(cache, kv)
+        outs.append(out)
+    np.testing.assert_allclose(jnp.concatenate(outs, 1), full, atol=2e-5)
+    assert bool(cache["valid"].all())
+
+
+def test_window_of_one_block_is_each_block_alone_anywhere_in_time():
+    """With no cached context each block is denoised on its own; RoPE makes the result
+    independent of the block's absolute position."""
+    model = tiny_denoiser(2)
+    x, sigma = _clip(3), jnp.full((2, T), 0.7)
+    cache = V.empty_cache(model.net, 2, window=BS, block_size=BS)
+    assert cache["valid"].shape == (0,)
+    for b in range(T // BS):
+        sl = slice(b * BS, (b + 1) * BS)
+        out, _ = model.cached(x[:, sl], sigma[:, sl], cache, frame_offset=b * BS + 7)
+        np.testing.assert_allclose(out, model(x[:, sl], sigma[:, sl]), atol=2e-5)
+
+
+def test_sliding_window_keeps_the_newest_blocks():
+    model = tiny_denoiser(3)
+    x, sigma = _clip(4, t=6), jnp.full((2, 6), 1.0)
+    cache = V.empty_cache(model.net, 2, window=2 * BS, block_size=BS)   # one block of context
+    kvs = []
+    for b in range(3):
+        sl = slice(b * BS, (b + 1) * BS)
+        _, kv = model.cached(x[:, sl], sigma[:, sl], cache, frame_offset=b * BS)
+        cache = V.append_to_cache(cache, kv)
+        kvs.append(kv)
+    np.testing.assert_array_equal(cache["k"], kvs[-1][0])
+    np.testing.assert_array_equal(cache["v"], kvs[-1][1])
+
+
+def test_bad_inputs_fail_with_clear_errors():
+    model = tiny_denoiser()
+    x, sigma = _clip(0), jnp.ones((2, T))
+    with pytest.raises(ValueError, match="valid: bidirectional, block_causal, cached"):
+        model(x, sigma, attention="causal")
+    with pytest.raises(ValueError, match="not divisible by the block size 3"):
+        model(x, sigma, attention="block_causal", block_size=3)
+    with pytest.raises(ValueError, match="needs a positive block_size"):
+        model(x, sigma, attention="block_causal")
+    with pytest.raises(ValueError, match="smaller than one block"):
+        V.empty_cache(model.net, 2, window=1, block_size=BS)
+    with pytest.raises(ValueError, match="not a whole number of blocks"):
+        V.empty_cache(model.net, 2, window=3, block_size=BS)
+    with pytest.raises(ValueError, match="sigma must be per frame"):
+        model(x, jnp.ones((2,)))
+    with pytest.raises(ValueError, match="expected clips"):
+        model(x[:, :, :4], sigma)
+    with pytest.raises(ValueError, match="needs a cache"):
+        model.net(x, sigma, attention="cached")
+
+
+def test_edm_preconditioning_per_frame():
+    """D = c_skip x + c_out F(c_in x, c_noise) frame by frame: at init F = 0 (zero output layer),
+    so D(x, sigma) = sigma_data^2 / (sigma^2 + sigma_data^2) x per frame."""
+    net = V.VideoTransformer(frame_size=SIZE, dim=16, depth=1, num_heads=2, rngs=nnx.Rngs(0))
+    model = V.VideoDenoiser(net, sde.EDM())
+    x = _clip(5)
+    sigma = jnp.asarray([[0.1, 1.0, 10.0, 0.0], [2.0, 2.0, 2.0, 2.0]])
+    s = jnp.maximum(sigma, 0.002)
+    expected = (0.25 / (s ** 2 + 0.25))[:, :, None, None, None] * x
+    np.testing.assert_allclose(model(x, sigma), expected, rtol=1e-6)
