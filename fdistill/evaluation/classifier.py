@@ -121,8 +121,20 @@ class InDomainClassifier:
         return self.features_and_logits(x)[1].argmax(axis=1)
 
 
+def _random_shift(x: np.ndarray, rng: np.random.Generator, shift: int) -> np.ndarray:
+    """Translates each image by up to ``shift`` pixels, filling with the background value -1."""
+    if shift == 0:
+        return x
+    n, h, w, _ = x.shape
+    padded = np.pad(x, ((0, 0), (shift, shift), (shift, shift), (0, 0)), constant_values=-1.0)
+    dy, dx = rng.integers(0, 2 * shift + 1, size=(2, n))
+    return np.stack([padded[i, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
+
+
 def _train(name: str, images, labels, *, steps: int, batch_size: int, seed: int,
-           learning_rate: float = 2e-3) -> ConvNet:
+           learning_rate: float = 2e-3, shift: int = 1) -> ConvNet:
+    """Adam with a cosine-decayed learning rate on cross-entropy, random +-``shift`` pixel
+    translations as augmentation."""
     num_classes = int(labels.max()) + 1
     model = ConvNet(images.shape[1:], num_classes, rngs=nnx.Rngs(seed))
     graphdef, params = nnx.split(model)
@@ -146,15 +158,14 @@ def _train(name: str, images, labels, *, steps: int, batch_size: int, seed: int,
             order, pos = rng.permutation(len(images)), 0
         idx = order[pos:pos + batch_size]
         pos += batch_size
-        params, opt_state, _ = step(params, opt_state, jnp.asarray(images[idx]),
-                                    jnp.asarray(labels[idx]))
+        x = _random_shift(images[idx], rng, shift)
+        params, opt_state, _ = step(params, opt_state, jnp.asarray(x), jnp.asarray(labels[idx]))
     return nnx.merge(graphdef, params)
 
 
 def train_classifier(name: str, *, image_size: int | None = None, steps: int | None = None,
                      batch_size: int = 128, seed: int = 0) -> InDomainClassifier:
-    """Trains on the ``train`` split (Adam, cosine-decayed learning rate, cross-entropy) and
-    measures accuracy on the held-out ``test`` split."""
+    """Trains on the ``train`` split and measures accuracy on the held-out ``test`` split."""
     x_train, y_train = load_labelled_images(name, "train", image_size)
     x_test, y_test = load_labelled_images(name, "test", image_size)
     model = _train(name, x_train, y_train, steps=steps or DEFAULT_STEPS[name],
