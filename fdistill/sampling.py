@@ -16,6 +16,7 @@ The score is Tweedie's (alpha_t x0_hat - x_t) / sigma_t^2 (`SDE.score_from_denoi
 import dataclasses
 import functools
 import inspect
+import math
 from typing import Callable
 
 import jax
@@ -172,15 +173,29 @@ def _scaled_denoiser(denoise_fn, process, class_labels):
     return denoise
 
 
-def _ode_sampler(denoise_fn, process, key, shape, class_labels, num_steps, rho, second_order):
+def _ode_sampler(denoise_fn, process, key, shape, class_labels, num_steps, rho, second_order,
+                 churn=None):
     sigmas = _ode_grid(process, num_steps, rho)
     denoise = _scaled_denoiser(denoise_fn, process, class_labels)
     alpha_T, _ = process.marginal_coefs(jnp.full((shape[0],), process.T, jnp.float32))
-    x = process.prior_sampling(key, shape)
+    init_key, key = jax.random.split(key)
+    x = process.prior_sampling(init_key, shape)
     x = x / bcast(alpha_T, x)
 
+    def raise_noise(i, x, s):
+        """EDM Algorithm 2, lines 4-6: sigma_hat = (1 + gamma_i) sigma_i,
+        x <- x + sqrt(sigma_hat^2 - sigma_i^2) S_noise z."""
+        if churn is None:
+            return x, s
+        S_churn, S_min, S_max, S_noise = churn
+        gamma = jnp.where((s >= S_min) & (s <= S_max), min(S_churn / num_steps, math.sqrt(2.) - 1.), 0.)
+        z = jax.random.normal(jax.random.fold_in(key, i), shape)
+        # sqrt(sigma_hat^2 - sigma^2) written as sigma sqrt(gamma (2 + gamma)): never negative.
+        return x + s * jnp.sqrt(gamma * (2. + gamma)) * S_noise * z, s * (1. + gamma)
+
     def step(i, x):
-        s, s_next = sigmas[i], sigmas[i + 1]
+        x, s = raise_noise(i, x, sigmas[i])
+        s_next = sigmas[i + 1]
         d = (x - denoise(x, s)) / s
         x_next = x + (s_next - s) * d
         if second_order:
@@ -190,23 +205,30 @@ def _ode_sampler(denoise_fn, process, key, shape, class_labels, num_steps, rho, 
 
     x = jax.lax.fori_loop(0, num_steps - 1, step, x)
     # Last step sigma_{n-1} -> 0 is Euler: x + (0 - s)(x - D)/s = D (EDM Algorithm 1, line 8).
-    x = denoise(x, sigmas[num_steps - 1])
+    x, s = raise_noise(num_steps - 1, x, sigmas[num_steps - 1])
+    x = denoise(x, s)
     nfe = (2 * num_steps - 1 if second_order else num_steps) * nfe_per_call(denoise_fn)
     return x, nfe
 
 
 def heun(denoise_fn: DenoiseFn, process: SDE, key, shape, class_labels=None, *,
-         num_steps: int = 18, rho: float = 7.):
+         num_steps: int = 18, rho: float = 7., S_churn: float = 0., S_min: float = 0.,
+         S_max: float = float('inf'), S_noise: float = 1.):
     """EDM Algorithm 1: deterministic Heun on the probability-flow ODE dx/dsigma = (x - D(x; sigma)) / sigma.
 
     Works in the scaled variable x / alpha_t with sigma = sigma_t / alpha_t (EDM eq. 4 and Table 1),
     so it serves EDM, VE, VP and sub-VP alike: each sigma of the rho-grid is mapped to its time by
     `process.inverse_scaled_sigma`. The last step (to sigma = 0) is Euler. nfe = 2 num_steps - 1
-    (35 for 18 steps).
+    (35 for 18 steps). S_churn > 0 gives EDM's stochastic sampler (Algorithm 2): before each step,
+    sigma in [S_min, S_max] is raised to (1 + gamma) sigma, gamma = min(S_churn / num_steps, sqrt(2) - 1),
+    by adding fresh noise scaled by S_noise (same nfe).
     """
     if num_steps < 1:
         raise ValueError(f"heun: num_steps must be >= 1, got {num_steps}")
-    return _ode_sampler(denoise_fn, process, key, shape, class_labels, num_steps, rho, True)
+    if S_churn < 0:
+        raise ValueError(f"heun: S_churn must be >= 0 (0: deterministic), got {S_churn}")
+    churn = (S_churn, S_min, S_max, S_noise) if S_churn > 0 else None
+    return _ode_sampler(denoise_fn, process, key, shape, class_labels, num_steps, rho, True, churn)
 
 
 def euler_ode(denoise_fn: DenoiseFn, process: SDE, key, shape, class_labels=None, *,
