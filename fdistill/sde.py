@@ -15,6 +15,7 @@ Pure maths: arrays in, arrays out. `x` is [B, ...], `t` is [B]. Processes are fr
 import abc
 import dataclasses
 import math
+import numbers
 from typing import Callable, ClassVar
 
 import jax
@@ -125,8 +126,9 @@ class SDE(abc.ABC):
         return jnp.clip(i, 0, self.N - 1).astype(jnp.int32)
 
     def _check_N(self):
-        if not (isinstance(self.N, int) and self.N >= 1):
+        if not (isinstance(self.N, numbers.Integral) and self.N >= 1):
             raise ValueError(f"{type(self).__name__}: N must be a positive int, got N={self.N!r}")
+        object.__setattr__(self, 'N', int(self.N))
 
 
 @dataclasses.dataclass(frozen=True)
