@@ -1,6 +1,7 @@
 """CIFAR-10 base: the tfds ``cifar10`` train split (50k 32x32x3), random flips.
 
-Prepare once on a machine with internet: `tfds build cifar10 --data_dir=$DATA`, then pass
+Prepare once on a machine with internet (random-access array_record files):
+`tfds build cifar10 --file_format=array_record --data_dir=$DATA`, then pass
 --config.data.data_dir=$DATA. The overrides (cifar10_edm_ddpmpp, cifar10_vp_ddpmpp,
 cifar10_ve_ncsnpp) set the process, network and published hyperparameters.
 """

@@ -1,11 +1,13 @@
-"""ImageNet-64 (tfds ``downsampled_imagenet/64x64``), class-conditional EDM DDPM++.
+"""ImageNet-64 (tfds ``imagenet_resized/64x64``, which has labels), class-conditional EDM DDPM++.
 
 Architecture: EDM's published ImageNet-64 teacher is ADM (Dhariwal & Nichol); this codebase
 ships the Score-SDE/EDM SongUNet family, so the base uses DDPM++ at 64x64 with channel_mult
 (1, 2, 3, 4) (ADM's widths), attention at 32, 16 and 8, 1000 classes, the EDM loss and EDM's ImageNet
 hyperparameters (batch 4096, lr 2e-4, dropout 0.1, EMA half-life 50M images). Adding ADM means
 one new module in fdistill/models and one entry in its factory (see README "Extending").
-Prepare once with internet: `tfds build downsampled_imagenet/64x64 --data_dir=$DATA`.
+Prepare once with internet (needs the ImageNet archives in tfds' manual dir):
+`tfds build imagenet_resized/64x64 --file_format=array_record --data_dir=$DATA`.
+Unconditional runs (--config.data.num_classes=0) read `downsampled_imagenet/64x64`.
 Run on a TPU pod / multi-GPU:
     python -m fdistill.main --config=configs/imagenet64.py --workdir=$W --mode=train \
         --config.data.data_dir=$DATA

@@ -90,8 +90,15 @@ def param_shardings(tree, mesh: Mesh, mode: str = "replicated"):
 
 
 def to_host(tree):
-    """Fully-replicated or addressable values as numpy (process-local view of global arrays)."""
+    """Global arrays as numpy on every process: replicated ones from the local copy, sharded ones
+    gathered across processes."""
     from jax.experimental import multihost_utils
-    if jax.process_count() > 1:
-        tree = multihost_utils.process_allgather(tree, tiled=True)
-    return jax.tree.map(np.asarray, tree)
+
+    def fetch(x):
+        if not isinstance(x, jax.Array) or x.is_fully_addressable:
+            return np.asarray(x)
+        if x.is_fully_replicated:
+            return np.asarray(x.addressable_data(0))
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+    return jax.tree.map(fetch, tree)

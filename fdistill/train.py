@@ -139,7 +139,7 @@ def make_teacher_step(graphdef, others, loss_fn: Callable, tx, *, ema_rate: floa
         (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state["params"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         metrics = dict(metrics, **{"train/loss": loss, "train/grad_norm": grad_norm})
         new = dict(state, params=params, opt_state=opt_state,
                    ema=ema_update(state["ema"], params, ema_rate))
@@ -187,7 +187,7 @@ def fit(*, workdir: str, state: State, state_sharding, step_fn: Callable[[State,
             last = done == loop.num_steps
             if done % loop.log_every == 0 or last:
                 check_finite(state)
-                host = sharding.to_host(metrics)
+                host = {k: float(v) for k, v in sharding.to_host(metrics).items()}
                 if on_log is not None:
                     host.update(on_log(done, state))
                 mon.scalars(done, host)

@@ -18,7 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "train_worker.py")
 
 
-def _run_worker(workdir, *args, timeout=240):
+def _run_worker(workdir, *args, timeout=900):
     procs = [subprocess.Popen([sys.executable, WORKER, str(workdir), *a], cwd=ROOT,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for a in args]

@@ -1,0 +1,60 @@
+"""The `distill` section every f-distill config adds to its teacher's config.
+
+A distill config is the teacher's config (model, process, data and optim sections unchanged, so
+the teacher checkpoint loads) plus this section. Paper defaults (arXiv 2502.15681, CIFAR-10)
+where they exist; each distill_*.py overrides what its scale needs.
+"""
+import ml_collections
+
+
+def optim(lr: float, weight_decay: float = 1e-2, grad_clip: float = 10.0, beta1: float = 0.9):
+    """AdamW settings for one of the three networks (`train.make_optimizer` fields)."""
+    return ml_collections.ConfigDict(dict(lr=lr, weight_decay=weight_decay, grad_clip=grad_clip,
+                                          beta1=beta1, beta2=0.999, eps=1e-8, warmup=0))
+
+
+def add_distill(c, *, teacher_workdir: str = "", divergence: str = "fkl"):
+    """Adds `c.distill` to a teacher config `c` (returned for chaining)."""
+    c.distill = d = ml_collections.ConfigDict()
+    d.teacher_workdir = teacher_workdir
+    d.divergence = divergence          # see fdistill.divergences.NAMES / ALIASES
+    d.divergence_params = ml_collections.ConfigDict({"alpha": 0.5}) if divergence == "alpha" \
+        else ml_collections.ConfigDict()
+    # Noise levels: rho = 7 Karras grid of num_noise_steps, indices sampled in index_range.
+    d.num_noise_steps = 1000
+    d.rho = 7.0
+    d.index_range = (2, 998)
+    # Student: student_steps network evaluations (1, 2 or 4); () derives the levels from Karras.
+    d.student_steps = 1
+    d.student_sigmas = ()
+    d.guidance_scale = 1.0             # classifier-free guidance on the teacher (1: none)
+    # Density ratio: discriminator heads on the teacher's (paper) or fake score's (DMD2) features.
+    d.feature_source = "teacher"
+    d.disc_resolutions = (16,)
+    d.logit_clip = 10.0
+    d.r_min = 0.1
+    d.r_max = 20.0
+    d.normalize_r = True               # r / EMA of its noise-level bin's mean
+    d.ratio_bins = 10
+    d.ratio_ema_rate = 0.5
+    d.normalize_h = True               # h / global batch mean
+    d.normalize_dm = True              # DMD's per-sample 1 / mean|x - x0_teacher|
+    # Losses and updates.
+    d.gan_weight = 1e-3
+    d.r1_weight = 1.0
+    d.r1_alpha = 0.1
+    d.student_update_every = 5
+    d.student_optim = optim(1e-4)
+    d.fake_score_optim = optim(1e-4, grad_clip=0.0)
+    d.disc_optim = optim(1e-4, grad_clip=0.0)
+    d.ema_rate = 0.999
+    # Loop.
+    d.batch_size = 2048
+    d.num_steps = 60000
+    d.log_every = 500
+    d.ckpt_every = 5000
+    d.keep_checkpoints = 3
+    d.param_sharding = "replicated"
+    d.num_eval_samples = 1024
+    d.eval_batch_size = 256
+    return c

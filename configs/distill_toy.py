@@ -1,0 +1,30 @@
+"""f-distill of the 2-D toy teacher (configs/toy.py) into a one-step student.
+
+Run (a minute or two on 2 CPU cores, after training the teacher):
+    python -m fdistill.main --config=configs/toy.py --workdir=runs/toy --mode=train
+    python -m fdistill.main --config=configs/distill_toy.py --workdir=runs/toy_fkl \
+        --mode=distill --config.distill.teacher_workdir=runs/toy --config.distill.divergence=fkl
+Any divergence: --config.distill.divergence=rkl | js | sh | srkl | jeffreys | neyman | pearson.
+Expected: the one-step student covers all 8 modes (recall 1.0) with 1 network evaluation.
+"""
+from configs import toy
+from configs.distill_base import add_distill, optim
+
+
+def get_config():
+    c = add_distill(toy.get_config(), teacher_workdir="runs/toy", divergence="fkl")
+    d = c.distill
+    d.disc_resolutions = (0,)          # the MLP's hidden state
+    d.gan_weight = 1e-2
+    d.r1_weight = 0.0
+    d.student_optim = optim(1e-4, weight_decay=0.0)
+    d.fake_score_optim = optim(1e-3, weight_decay=0.0, grad_clip=0.0)
+    d.disc_optim = optim(1e-3, weight_decay=0.0, grad_clip=0.0)
+    d.ema_rate = 0.99
+    d.batch_size = 512
+    d.num_steps = 2000
+    d.log_every = 250
+    d.ckpt_every = 2000
+    d.num_eval_samples = 4096
+    d.eval_batch_size = 4096
+    return c
