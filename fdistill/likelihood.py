@@ -1,7 +1,7 @@
-"""Exact likelihood through the probability-flow ODE (Score-SDE Sec. 4.3 and Appendix D.2).
+"""Likelihood through the probability-flow ODE (Score-SDE Sec. 4.3 and Appendix D.2).
 
 Integrating dx/dt = f~(x, t) = f(x, t) - 1/2 g(t)^2 score(x, t) from t = eps to T together with
-d log p/dt = div f~ gives the instantaneous change of variables (Chen et al. 2018; Score-SDE eq. 39):
+d log p/dt = div f~ gives the instantaneous change of variables (Chen et al. 2018; Score-SDE App. D.2):
 
     log p_eps(x(eps)) = log p_T(x(T)) + int_eps^T div f~(x(t), t) dt,
 

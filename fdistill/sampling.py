@@ -1,4 +1,4 @@
-"""Samplers of a diffusion teacher: reverse-SDE Euler-Maruyama, predictor-corrector, PF-ODE Euler and Heun.
+"""Teacher samplers: reverse-SDE Euler-Maruyama, predictor-corrector, PF-ODE Heun (EDM) and Euler.
 
 Every sampler is a pure function
 
@@ -7,9 +7,10 @@ Every sampler is a pure function
 over a denoiser `denoise_fn(x_t, t, class_labels) -> x0_hat` (the Denoiser of fdistill.models, or
 any callable) and a process of fdistill.sde; `nfe` is a python int, the network evaluations per
 sample. The loops are `lax.fori_loop`s, so compile time does not grow with the number of steps;
-wrap a sampler in `jax.jit` with `process` and `shape` closed over (or static), e.g.
+wrap a sampler in `jax.jit` with `process` and `shape` closed over, the parameters as arguments:
 
-    x = jax.jit(lambda state, key: sampler(nnx.merge(graphdef, state), process, key, shape)[0])(state, key)
+    sample = get_sampler('heun', num_steps=18)
+    draw = jax.jit(lambda state, key: sample(nnx.merge(graphdef, state), process, key, shape)[0])
 
 The score is Tweedie's (alpha_t x0_hat - x_t) / sigma_t^2 (`SDE.score_from_denoised`).
 """
@@ -122,7 +123,7 @@ def pc(denoise_fn: DenoiseFn, process: SDE, key, shape, class_labels=None, *, sn
     """Predictor-corrector (Score-SDE Algorithm 1): at each t of linspace(T, eps, N) (Karras for EDM),
     `n_corrector` Langevin corrector steps with signal-to-noise ratio `snr`, then the reverse-diffusion
     predictor x <- x - f_rev + G z with (f_rev, G) the reverse of `process.discretize`
-    (SMLD for VE, DDPM for VP, Euler-Maruyama for sub-VP; eq. 46).
+    (SMLD for VE, DDPM for VP, Euler-Maruyama for sub-VP; Score-SDE App. E).
 
     num_steps overrides process.N (the discretisation follows it). With noise_removal, return
     Tweedie's D(x_eps, eps) from the last predictor evaluation. nfe = N (n_corrector + 1).

@@ -154,7 +154,8 @@ class ReverseSDE:
         return drift, jnp.zeros_like(diffusion) if self.probability_flow else diffusion
 
     def discretize(self, x: jax.Array, t: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Reverse of the forward discretisation: (f - G^2 score [/ 2], G [or 0]) (Score-SDE eq. 46)."""
+        """Reverse of the forward discretisation (Score-SDE App. E, reverse diffusion):
+        (f - G^2 score, G), or (f - G^2 score / 2, 0) for the probability flow."""
         f, G = self.forward.discretize(x, t)
         scale = 0.5 if self.probability_flow else 1.
         rev_f = f - bcast(G, x) ** 2 * self.score_fn(x, t) * scale
@@ -163,7 +164,7 @@ class ReverseSDE:
 
 @dataclasses.dataclass(frozen=True)
 class VESDE(SDE):
-    """Variance exploding SDE (Score-SDE eq. 30): sigma(t) = sigma_min (sigma_max / sigma_min)^t,
+    """Variance exploding SDE (Score-SDE Sec. 3.4, App. B): sigma(t) = sigma_min (sigma_max / sigma_min)^t,
     dx = sigma(t) sqrt(2 log(sigma_max / sigma_min)) dw; discretised as SMLD (NCSN)."""
     sigma_min: float = 0.01
     sigma_max: float = 50.
@@ -201,7 +202,7 @@ class VESDE(SDE):
         return jnp.log(sigma / self.sigma_min) / math.log(self.sigma_max / self.sigma_min)
 
     def discretize(self, x, t):
-        """SMLD (Score-SDE eq. 45): x_{i-1} = x_i + sqrt(sigma_i^2 - sigma_{i-1}^2) z, no drift."""
+        """SMLD (Score-SDE App. B and E): x_{i-1} = x_i + sqrt(sigma_i^2 - sigma_{i-1}^2) z, no drift."""
         i = self._index(t)
         sigmas = self.discrete_sigmas
         adjacent = jnp.where(i == 0, 0., sigmas[jnp.maximum(i - 1, 0)])
@@ -210,7 +211,7 @@ class VESDE(SDE):
 
 @dataclasses.dataclass(frozen=True)
 class VPSDE(SDE):
-    """Variance preserving SDE (Score-SDE eq. 32): beta(t) = beta_min + t (beta_max - beta_min),
+    """Variance preserving SDE (Score-SDE Sec. 3.4, App. B): beta(t) = beta_min + t (beta_max - beta_min),
     dx = -1/2 beta(t) x dt + sqrt(beta(t)) dw; discretised as DDPM."""
     beta_min: float = 0.1
     beta_max: float = 20.
@@ -229,7 +230,7 @@ class VPSDE(SDE):
         return self.beta_min + t * (self.beta_max - self.beta_min)
 
     def log_mean_coeff(self, t):
-        """log alpha_t = -1/2 int_0^t beta(s) ds (Score-SDE eq. 33)."""
+        """log alpha_t = -1/2 int_0^t beta(s) ds (Score-SDE App. B)."""
         return -0.25 * t ** 2 * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
 
     @property
@@ -261,7 +262,7 @@ class VPSDE(SDE):
         return 2 * c / (b0 + jnp.sqrt(b0 ** 2 + 2 * db * c))
 
     def discretize(self, x, t):
-        """DDPM (Score-SDE eq. 47): x_{i+1} = sqrt(1 - beta_i) x_i + sqrt(beta_i) z; returns (f, G)."""
+        """DDPM (Score-SDE App. B and E): x_{i+1} = sqrt(1 - beta_i) x_i + sqrt(beta_i) z; returns (f, G)."""
         beta = self.discrete_betas[self._index(t)]
         return (bcast(jnp.sqrt(1. - beta), x) - 1.) * x, jnp.sqrt(beta)
 
@@ -272,7 +273,7 @@ class VPSDE(SDE):
 
 @dataclasses.dataclass(frozen=True)
 class subVPSDE(VPSDE):
-    """sub-VP SDE (Score-SDE eq. 34): dx = -1/2 beta(t) x dt + sqrt(beta(t) (1 - exp(-2 int_0^t beta))) dw.
+    """sub-VP SDE (Score-SDE Sec. 3.4): dx = -1/2 beta(t) x dt + sqrt(beta(t) (1 - exp(-2 int_0^t beta))) dw.
 
     Marginal std 1 - exp(int_0^t -beta), below the VP one; discretised by Euler-Maruyama. The Langevin
     corrector uses the VP alpha_i = 1 - beta_i of the same beta schedule."""

@@ -1,4 +1,4 @@
-"""Forward processes against their closed forms (Score-SDE eqs. 30-34, 45-47; EDM Table 1, eq. 5)."""
+"""Forward processes against their closed forms (Score-SDE App. B, E; EDM Table 1, eq. 5)."""
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -158,7 +158,7 @@ def test_edm_precond_satisfies_edm_design_criteria():
     np.testing.assert_allclose(target_var, 1., rtol=1e-5)
     np.testing.assert_allclose(c_skip, sd2 / (sigma ** 2 + sd2), rtol=1e-6)
     np.testing.assert_allclose(c_noise, np.log(np.asarray(sigma)) / 4, rtol=1e-6)
-    # The training loss weight makes the effective weight lambda c_out^2 = 1 (EDM eq. 8).
+    # The training loss weight makes the effective weight lambda c_out^2 = 1 (EDM eq. 8, Sec. 5).
     np.testing.assert_allclose(p.loss_weight(sigma) * c_out ** 2, 1., rtol=1e-5)
 
 
