@@ -122,18 +122,31 @@ def test_class_conditional_and_guided_sampling():
         sampling.guided(D, w)(x1, jnp.full((64,), 0.3), None)
 
 
-@pytest.mark.parametrize('p', [sde.EDM(), sde.VPSDE()], ids=['edm', 'vp'])
-def test_edm_stochastic_sampler_reproduces_gaussian(p):
+def test_edm_stochastic_sampler_reproduces_gaussian():
     """EDM Algorithm 2 (S_churn > 0): the added noise keeps x at its noise level; the samples keep
     the Gaussian's moments up to the discretisation error (~1% at gamma = 20/128)."""
+    p = sde.EDM()
     D = GaussianDenoiser(p, M, S)
     sample = sampling.get_sampler('heun', num_steps=128, S_churn=20., S_min=0.05, S_max=50., S_noise=1.)
     x, nfe = jax.jit(lambda k: sample(D, p, k, (10000, 3)))(jax.random.key(8))
     assert nfe == 255
     np.testing.assert_allclose(jnp.mean(x, 0), M, atol=0.04)
     np.testing.assert_allclose(jnp.std(x, 0) / S, 1., atol=0.03)
-    x_det, _ = jax.jit(lambda k: sampling.heun(D, p, k, (10000, 3), num_steps=128))(jax.random.key(8))
-    assert float(jnp.mean(jnp.abs(x - x_det))) > 0.05  # the churn did add noise
+    x_ode = exact_ode_sample(p, jax.random.key(8), (10000, 3), M, S)
+    assert float(jnp.mean(jnp.abs(x - x_ode))) > 0.05  # the churn did add noise
+
+
+@pytest.mark.parametrize('name', ['heun', 'euler_ode', 'pc', 'euler_maruyama'])
+def test_program_size_does_not_grow_with_steps(name):
+    """The step loops are lax.fori_loops: the traced program is the same size for 30 or 60 steps."""
+    p = sde.VPSDE()
+    D = GaussianDenoiser(p, M, S)
+
+    def size(n):
+        sample = sampling.get_sampler(name, num_steps=n)
+        return len(jax.make_jaxpr(lambda k: sample(D, p, k, (2, 3))[0])(jax.random.key(0)).eqns)
+
+    assert size(30) == size(60)
 
 
 def test_get_sampler_errors():
