@@ -21,13 +21,19 @@ The module is in two layers:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Callable
+
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+from flax import nnx
 
 from fdistill import divergences as divergences_lib
+from fdistill import generate as generate_lib
+from fdistill import models, monitor, sharding, train
 
 Array = jax.Array
 FEATURE_SOURCES = ("teacher", "fake_score")
@@ -250,7 +256,7 @@ class FDistill:
     r_max: float = 20.0
     normalize_r: bool = True                # r / EMA of its noise-level bin's mean
     ratio_bins: int = 10
-    ratio_ema_rate: float = 0.99
+    ratio_ema_rate: float = 0.5             # 0: the batch mean alone (paper: 0.5 on ImageNet-64)
     normalize_h: bool = True
     normalize_dm: bool = True
 
@@ -381,3 +387,238 @@ class FDistill:
             metrics["critic/r1"] = r1
         metrics["critic/loss"] = loss
         return loss, metrics
+
+
+# =================================================================================================
+# The training state, the jitted steps and the loop (reusing the teacher loop's machinery).
+
+NETWORK_KEYS = ("student", "student_ema", "fake_score", "disc")
+OPT_KEYS = ("opt_student", "opt_fake_score", "opt_disc")
+GUARDED = ("student/loss", "student/grad_norm", "critic/loss", "critic/grad_norm")
+
+
+def _one_hot_labels(batch: dict, num_classes: int) -> dict:
+    """{'x', 'label'} with int labels turned into the one-hot labels the denoisers take (or None)."""
+    labels = jax.nn.one_hot(batch["label"], num_classes) if num_classes else None
+    return {"x": batch["x"], "label": labels}
+
+
+class Distiller:
+    """f-distill of one teacher: the state pytree, the jitted student and critic steps, sampling.
+
+    State (donated, sharded like the teacher's: parameter-shaped entries per
+    `config.distill.param_sharding`, the rest replicated):
+    `{'step', 'student', 'student_ema', 'fake_score', 'disc', 'opt_student', 'opt_fake_score',
+    'opt_disc', 'ratio_ema', 'metrics', 'nonfinite'}`. Student and fake score start from the
+    teacher's weights. Iteration i updates the student when i % student_update_every == 0 and the
+    fake score and discriminator otherwise (DESIGN.md 2.4). The teacher's parameters are an
+    argument of the steps (never a compile-time constant, never donated).
+    """
+
+    def __init__(self, config, teacher, mesh):
+        dc = config.distill
+        self.config, self.mesh = config, mesh
+        self.num_classes = config.data.get("num_classes", 0)
+        self.objective = FDistill.from_config(dc, teacher.process)
+        self.every = int(dc.student_update_every)
+        if self.every < 2:
+            raise ValueError(f"config.distill.student_update_every must be >= 2 (one student step "
+                             f"per `every` iterations, the others train the critic); got "
+                             f"{self.every}.")
+        self.graphdef, teacher_params, self.others = train.split(teacher)
+        disc = models.Discriminator(models.feature_channels(teacher), tuple(dc.disc_resolutions),
+                                    rngs=nnx.Rngs(config.seed + 1))
+        self.disc_graphdef, disc_params, self.disc_others = train.split(disc)
+        self.tx = {k: train.make_optimizer(dc[f"{k}_optim"])
+                   for k in ("student", "fake_score", "disc")}
+        copy = lambda t: jax.tree.map(jnp.copy, t)
+        metric_names = sorted(set(self._student_metric_names() + self._critic_metric_names()))
+        state = {
+            "step": jnp.asarray(0, jnp.int32),
+            "student": copy(teacher_params), "student_ema": copy(teacher_params),
+            "fake_score": copy(teacher_params), "disc": disc_params,
+            "opt_student": self.tx["student"].init(teacher_params),
+            "opt_fake_score": self.tx["fake_score"].init(teacher_params),
+            "opt_disc": self.tx["disc"].init(disc_params),
+            "ratio_ema": self.objective.init_ratio_ema(),
+            "metrics": {k: jnp.asarray(0.0, jnp.float32) for k in metric_names},
+            "nonfinite": train.nonfinite_record(GUARDED),
+        }
+        mode = dc.get("param_sharding", "replicated")
+        self.state_sharding = {
+            k: (sharding.param_shardings(v, mesh, mode) if k in NETWORK_KEYS + OPT_KEYS
+                else jax.tree.map(lambda _: sharding.replicated(mesh), v))
+            for k, v in state.items()}
+        self.teacher_sharding = sharding.param_shardings(teacher_params, mesh, mode)
+        self.initial_state = jax.device_put(state, self.state_sharding)
+        self.teacher_params = jax.device_put(teacher_params, self.teacher_sharding)
+        self.key = jax.random.key(config.seed)
+        self.ema_rate = float(dc.ema_rate)
+        jit = lambda fn: jax.jit(
+            fn, donate_argnums=0,
+            in_shardings=(self.state_sharding, self.teacher_sharding, sharding.batch_sharding(mesh)),
+            out_shardings=(self.state_sharding, sharding.replicated(mesh)))
+        self.student_step = jit(self._student_step)
+        self.critic_step = jit(self._critic_step)
+
+    # --- modules from parameters -------------------------------------------------------------
+    def denoiser(self, params):
+        return train.merge(self.graphdef, params, self.others)
+
+    def discriminator(self, params):
+        return train.merge(self.disc_graphdef, params, self.disc_others)
+
+    def _student_metric_names(self):
+        return ["student/loss", "student/loss_dm", "student/loss_gan", "student/r_mean",
+                "student/h_max", "student/h_min", "student/grad_norm"]
+
+    def _critic_metric_names(self):
+        names = ["critic/loss", "critic/loss_dsm", "critic/loss_d", "critic/logit_real",
+                 "critic/logit_fake", "critic/grad_norm", "critic/disc_grad_norm"]
+        return names + (["critic/r1"] if self.objective.r1_weight > 0 else [])
+
+    def _finish(self, old, new, metrics, guarded):
+        new = dict(new, metrics=dict(old["metrics"], **metrics))
+        values = {k: guarded.get(k, jnp.asarray(0.0, jnp.float32)) for k in GUARDED}
+        new = train.guard_finite(old, new, values)
+        return new, new["metrics"]
+
+    # --- the two steps -----------------------------------------------------------------------
+    def _student_step(self, state, teacher_params, batch):
+        key = jax.random.fold_in(self.key, state["step"])
+        batch = _one_hot_labels(batch, self.num_classes)
+        teacher = self.denoiser(teacher_params)
+        fake = self.denoiser(state["fake_score"])
+        disc = self.discriminator(state["disc"])
+
+        def objective(params):
+            return self.objective.student_loss(self.denoiser(params), teacher, fake, disc, key,
+                                               batch, state["ratio_ema"])
+
+        (loss, (metrics, ratio_ema)), grads = jax.value_and_grad(objective, has_aux=True)(
+            state["student"])
+        updates, opt = self.tx["student"].update(grads, state["opt_student"], state["student"])
+        params = optax.apply_updates(state["student"], updates)
+        grad_norm = optax.global_norm(grads)
+        metrics = dict(metrics, **{"student/grad_norm": grad_norm})
+        new = dict(state, student=params, opt_student=opt, ratio_ema=ratio_ema,
+                   student_ema=train.ema_update(state["student_ema"], params, self.ema_rate))
+        return self._finish(state, new, metrics,
+                            {"student/loss": loss, "student/grad_norm": grad_norm})
+
+    def _critic_step(self, state, teacher_params, batch):
+        key = jax.random.fold_in(self.key, state["step"])
+        batch = _one_hot_labels(batch, self.num_classes)
+        teacher = self.denoiser(teacher_params)
+        student = self.denoiser(state["student"])
+
+        def objective(params):
+            fake_params, disc_params = params
+            return self.objective.critic_loss(self.denoiser(fake_params),
+                                              self.discriminator(disc_params), student, teacher,
+                                              key, batch)
+
+        params = (state["fake_score"], state["disc"])
+        (loss, metrics), (g_fake, g_disc) = jax.value_and_grad(objective, has_aux=True)(params)
+        up_f, opt_f = self.tx["fake_score"].update(g_fake, state["opt_fake_score"],
+                                                   state["fake_score"])
+        up_d, opt_d = self.tx["disc"].update(g_disc, state["opt_disc"], state["disc"])
+        grad_norm = optax.global_norm(g_fake)
+        metrics = dict(metrics, **{"critic/grad_norm": grad_norm,
+                                   "critic/disc_grad_norm": optax.global_norm(g_disc)})
+        new = dict(state, fake_score=optax.apply_updates(state["fake_score"], up_f),
+                   disc=optax.apply_updates(state["disc"], up_d),
+                   opt_fake_score=opt_f, opt_disc=opt_d)
+        return self._finish(state, new, metrics,
+                            {"critic/loss": loss, "critic/grad_norm": grad_norm})
+
+    def step(self, state, i: int, batch):
+        """Iteration i: the student step if i % student_update_every == 0, else the critic step."""
+        fn = self.student_step if i % self.every == 0 else self.critic_step
+        return fn(state, self.teacher_params, batch)
+
+    # --- sampling ----------------------------------------------------------------------------
+    def sample_fn(self, batch_size: int):
+        """`draw(params, key, labels) -> x` for the one-/few-step student, jitted."""
+        shape = (batch_size,) + tuple(generate_lib.example_shape(self.config))
+        sigmas = self.objective.student_sigmas
+
+        @jax.jit
+        def draw(params, key, labels):
+            student = self.denoiser(params)
+            return generate(lambda x, s, c: student(x, s, c), key, shape, labels, sigmas=sigmas)
+
+        return draw
+
+
+def load_teacher(config):
+    """The frozen teacher (EMA weights) from `config.distill.teacher_workdir`.
+
+    The distill config's model / process / data / optim sections must be the teacher's own (the
+    distill configs build on the teacher configs for that reason). Fails before compiling
+    anything when the workdir has no checkpoint or its shapes do not match.
+    """
+    workdir = config.distill.get("teacher_workdir", "")
+    if not workdir:
+        raise ValueError("config.distill.teacher_workdir is empty: point it at a trained teacher, "
+                         "e.g. --config.distill.teacher_workdir=runs/toy")
+    try:
+        return train.load_model(config, workdir)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"config.distill.teacher_workdir={workdir!r}: {e}") from e
+    except ValueError as e:
+        raise ValueError(f"config.distill.teacher_workdir={workdir!r}: the teacher checkpoint does "
+                         f"not match this config's model ({e})") from e
+
+
+def draw_student_samples(distiller: Distiller, params, n: int, key, batch_size: int) -> np.ndarray:
+    """n student samples (labels cycling through the classes when conditional)."""
+    draw = distiller.sample_fn(batch_size)
+    k = distiller.num_classes
+    out = []
+    for i in range(-(-n // batch_size)):
+        labels = jax.nn.one_hot(jnp.arange(batch_size) % k, k) if k else None
+        out.append(np.asarray(draw(params, jax.random.fold_in(key, i), labels)))
+    return np.concatenate(out)[:n]
+
+
+def distill(config, workdir: str) -> dict:
+    """Distils `config.distill.teacher_workdir`'s teacher into a student in `workdir`.
+
+    Runs `config.distill.num_steps` iterations (resuming from `workdir/checkpoints`), then draws
+    `config.distill.num_eval_samples` student samples: toy metrics against the true density for
+    2-D toys, an image grid otherwise; writes results.json and student_samples.png/.npz.
+    """
+    from fdistill import data
+    dc = config.distill
+    teacher, teacher_step = load_teacher(config)
+    mesh = sharding.make_mesh()
+    sharding.check_batch_size(dc.batch_size, mesh)
+    ds = data.get_dataset(config.data, global_batch_size=dc.batch_size,
+                          process_index=jax.process_index(), process_count=jax.process_count(),
+                          seed=config.seed)
+    distiller = Distiller(config, teacher, mesh)
+
+    def step_fn(state, i):
+        return distiller.step(state, i, sharding.global_batch(ds.batch(i), mesh))
+
+    loop = train.LoopConfig(num_steps=dc.num_steps, log_every=dc.log_every,
+                            ckpt_every=dc.ckpt_every, keep_checkpoints=dc.get("keep_checkpoints", 3))
+    t0 = time.time()
+    state, metrics = train.fit(workdir=workdir, state=distiller.initial_state,
+                               state_sharding=distiller.state_sharding, step_fn=step_fn, loop=loop)
+    seconds = time.time() - t0
+    n = dc.num_eval_samples
+    x = draw_student_samples(distiller, state["student_ema"], n, jax.random.key(config.seed + 1),
+                             min(n, dc.get("eval_batch_size", 1024)))
+    png = generate_lib.save_samples(config, workdir, x, "student_samples")
+    results = {"mode": "distill", "divergence": distiller.objective.divergence.name,
+               "steps": int(sharding.to_host(state["step"])), "teacher_step": teacher_step,
+               "distill_seconds": seconds, "nfe": len(distiller.objective.student_sigmas),
+               **{f"final/{k}": v for k, v in metrics.items()}}
+    if config.data.name == "toy":
+        results.update({f"student/{k}": v for k, v in generate_lib.toy_metrics(config, x).items()})
+    monitor.write_results(workdir, results)
+    if jax.process_index() == 0:
+        print(f"student ({results['nfe']} network evaluation(s) per sample) -> {png}")
+    return results
