@@ -89,8 +89,8 @@ def get_loss_fn(config):
 
     Reads config.process (built by `sde_from_config`), config.training.{loss, likelihood_weighting,
     reduce_mean}, config.data.num_classes (int labels become one-hot when > 0),
-    config.model.label_dropout (null-label probability) and config.model.dropout (a dropout key is
-    passed to the model only when it is > 0)."""
+    config.model.label_dropout (null-label probability; nothing to drop when unconditional) and
+    config.model.dropout (a dropout key is passed to the model only when it is > 0)."""
     name = config.training.loss
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; valid names: {list(LOSSES)}")
@@ -100,9 +100,8 @@ def get_loss_fn(config):
                          f"use config.training.loss='dsm' for Score-SDE processes")
     num_classes = config.data.num_classes
     p_drop = float(config.model.get('label_dropout', 0.))
-    if p_drop and not num_classes:
-        raise ValueError(f"config.model.label_dropout={p_drop} needs class labels "
-                         f"(config.data.num_classes > 0); set it to 0 for unconditional data")
+    if not 0. <= p_drop <= 1.:
+        raise ValueError(f"config.model.label_dropout is a probability, got {p_drop}")
     use_dropout = float(config.model.get('dropout', 0.)) > 0
     reduce_mean = config.training.reduce_mean
     likelihood_weighting = config.training.get('likelihood_weighting', False)

@@ -136,7 +136,7 @@ def test_label_dropout_replaces_labels_by_null(p_drop):
 
 def test_unconditional_and_dropout_key():
     model = Recorder(sde.VPSDE())
-    loss_fn = losses.get_loss_fn(_config(loss='dsm', process='vpsde', dropout=0.1))
+    loss_fn = losses.get_loss_fn(_config(loss='dsm', process='vpsde', dropout=0.1, label_dropout=0.1))
     batch = {'x': jnp.zeros((8, 4)), 'label': jnp.zeros((8,), jnp.int32)}
     loss, metrics = loss_fn(model, jax.random.key(6), batch)
     labels, key = model.calls[-1]
@@ -162,5 +162,5 @@ def test_bad_configs_raise():
         losses.get_loss_fn(_config(loss='sm'))
     with pytest.raises(ValueError, match="needs config.process.name='edm'"):
         losses.get_loss_fn(_config(loss='edm', process='vpsde'))
-    with pytest.raises(ValueError, match='needs class labels'):
-        losses.get_loss_fn(_config(label_dropout=0.1))
+    with pytest.raises(ValueError, match='label_dropout is a probability'):
+        losses.get_loss_fn(_config(num_classes=10, label_dropout=1.5))
