@@ -1,0 +1,156 @@
+"""Video teacher loss, forward-KL regulariser, HiAR self-rollout distillation end to end."""
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs.video import get_config
+from fdistill import sde, train
+from fdistill.video import distill as VD
+from fdistill.video import hiar
+from tests.test_video_model import BS, SIZE, T, tiny_denoiser
+
+
+def tiny_config():
+    c = get_config()
+    c.data.num_frames, c.data.size, c.data.square = T, SIZE, 3.0
+    c.model.dim, c.model.depth, c.model.num_heads, c.model.mlp_ratio = 16, 1, 2, 2
+    c.training.batch_size, c.training.num_steps = 8, 12
+    c.training.log_every = c.training.ckpt_every = 12
+    c.sampling.num_steps = 2
+    c.student.num_steps, c.student.block_size, c.student.window = 2, BS, T
+    d = c.distill
+    d.num_pairs, d.pair_substeps, d.ode_init_steps = 8, 2, 0
+    d.batch_size = d.fkl_batch_size = 4
+    d.num_iters, d.critic_ratio, d.ema_rate = 4, 2, 0.0
+    d.log_every = d.ckpt_every = 4
+    return c
+
+
+class GaussianDenoiser:
+    """The exact denoiser of N(0, s^2) pixels: D(x, sigma) = s^2 / (s^2 + sigma^2) x."""
+    process = sde.EDM()
+
+    def __call__(self, x, sigma):
+        s2 = self.process.sigma_data ** 2
+        return (s2 / (s2 + sigma ** 2))[:, :, None, None, None] * x
+
+
+@pytest.mark.parametrize("mode", ["shared", "per_frame"])
+def test_edm_loss_of_the_exact_denoiser_is_one(mode):
+    """lambda(sigma) * E||D*(x_t) - x||^2 = 1 for every sigma when the data are N(0, sigma_data^2)."""
+    x = 0.5 * jax.random.normal(jax.random.key(0), (256, T, SIZE, SIZE, 1))
+    loss, metrics = VD.edm_video_loss(GaussianDenoiser(), jax.random.key(1), {"x": x},
+                                      sigma_mode=mode)
+    assert abs(float(loss) - 1.0) < 0.02 and metrics["train/edm_loss"] == loss
+    with pytest.raises(ValueError, match="valid: shared, per_frame"):
+        VD.edm_video_loss(GaussianDenoiser(), jax.random.key(1), {"x": x}, sigma_mode="frame")
+
+
+def _setup(divergence="reverse_kl", fkl_mask="bidirectional"):
+    c = tiny_config()
+    c.distill.divergence, c.distill.fkl_mask = divergence, fkl_mask
+    teacher, student, fake = tiny_denoiser(0, depth=1), tiny_denoiser(1, depth=1), tiny_denoiser(2, depth=1)
+    disc = VD.FrameDiscriminator(teacher.net.dim, rngs=nnx.Rngs(0))
+    return c, teacher, student, fake, disc
+
+
+def test_regulariser_and_student_loss_gradients_reach_only_the_student():
+    """The teacher draws its ODE pairs inside the differentiated function; the student loss
+    (distribution matching + forward-KL regulariser) must not move teacher, fake score or D."""
+    c, teacher, student, fake, disc = _setup()
+    distiller = VD.VideoDistiller(c, teacher.process)
+    sigmas = VD.student_sigmas_of(c, teacher.process)
+    grid, where = hiar.teacher_grid(sigmas, 2)
+    z = jax.random.normal(jax.random.key(3), (4, T, SIZE, SIZE, 1))
+    graphs = {k: nnx.split(m) for k, m in dict(s=student, t=teacher, f=fake, d=disc).items()}
+
+    def loss(states):
+        m = {k: nnx.merge(graphs[k][0], states[k]) for k in states}
+        x0, kept = hiar.heun(m["t"], grid[0] * z, grid, record=tuple(where))
+        pairs = {"states": jnp.stack(kept), "x0": x0}
+        reg = VD.fkl_regulariser(m["s"], pairs, mask="bidirectional")
+        total, _ = distiller.student_loss(m["s"], m["t"], m["f"], m["d"], jax.random.key(4),
+                                          (T, SIZE, SIZE, 1), 4, pairs)
+        return reg + total
+
+    grads = jax.grad(loss)({k: g[1] for k, g in graphs.items()})
+    norm = lambda tree: sum(float(jnp.abs(a).sum()) for a in jax.tree.leaves(tree))
+    assert norm(grads["s"]) > 0
+    assert norm(grads["t"]) == 0 and norm(grads["f"]) == 0 and norm(grads["d"]) == 0
+
+
+def test_regulariser_mask_switch_changes_the_prediction():
+    c, teacher, student, *_ = _setup()
+    sigmas = VD.student_sigmas_of(c, teacher.process)
+    pairs = VD.ode_pairs(teacher, jax.random.key(0), 4, (T, SIZE, SIZE, 1), sigmas, substeps=1,
+                         batch_size=4)
+    assert pairs["states"].shape == (2, 4, T, SIZE, SIZE, 1)
+    np.testing.assert_allclose(pairs["states"][0],
+                               80.0 * jax.random.normal(jax.random.fold_in(jax.random.key(0), 0),
+                                                        (4, T, SIZE, SIZE, 1)), rtol=1e-6)
+    bi = VD.fkl_regulariser(student, pairs, mask="bidirectional")
+    bc = VD.fkl_regulariser(student, pairs, mask="block_causal", block_size=BS)
+    assert abs(float(bi) - float(bc)) > 1e-4
+    with pytest.raises(ValueError, match="valid: bidirectional, block_causal"):
+        VD.fkl_regulariser(student, pairs, mask="causal")
+
+
+def test_discriminator_is_used_only_for_divergences_that_need_r():
+    """JS weights by h(r) = r / (r + 1), so it trains D (logistic loss 2 log 2 at the
+    zero-initialised head); reverse-KL has h = 1 and trains only the fake score."""
+    real = jax.random.normal(jax.random.key(5), (4, T, SIZE, SIZE, 1))
+    for name, uses in (("jensen_shannon", True), ("reverse_kl", False)):
+        c, teacher, student, fake, disc = _setup(name)
+        distiller = VD.VideoDistiller(c, teacher.process)
+        assert distiller.use_ratio is uses
+        loss, metrics = distiller.critic_loss(fake, disc, student, teacher, jax.random.key(6), real)
+        assert ("critic/loss_d" in metrics) is uses
+        if uses:
+            np.testing.assert_allclose(metrics["critic/loss_d"], 2 * math.log(2), rtol=1e-6)
+
+
+def test_bad_distillation_configs():
+    c, teacher, *_ = _setup()
+    for field, value, message in (("divergence", "kl_reverse", "Unknown divergence"),
+                                  ("order", "frame_first", "valid: block_first, hierarchical"),
+                                  ("fkl_mask", "causal", "valid: bidirectional, block_causal")):
+        bad = tiny_config()
+        bad.distill[field] = value
+        with pytest.raises(ValueError, match=message):
+            VD.VideoDistiller(bad, teacher.process)
+    bad = tiny_config()
+    bad.student.block_size = 3
+    with pytest.raises(ValueError, match="not divisible by the block size 3"):
+        VD.VideoDistiller(bad, teacher.process)
+
+
+def test_end_to_end_teacher_then_student_improves_its_losses(tmp_path):
+    c = tiny_config()
+    results = VD.train_video_teacher(c, str(tmp_path / "teacher"))
+    assert results["steps"] == 12 and "teacher/speed" in results and "data/speed" in results
+    assert os.path.exists(tmp_path / "teacher" / "samples.gif")
+    with open(tmp_path / "teacher" / "results.json") as f:
+        assert json.load(f)["steps"] == 12
+    teacher = VD.load_video_teacher(c, str(tmp_path / "teacher"))
+    sigmas = VD.student_sigmas_of(c, teacher.process)
+    pairs = VD.ode_pairs(teacher, jax.random.key(0), 8, (T, SIZE, SIZE, 1), sigmas, substeps=2,
+                         batch_size=8)
+    student, losses = VD.ode_initialise(teacher, pairs, sigmas, block_size=BS, num_steps=8,
+                                        batch_size=8, lr=3e-3)
+    assert np.mean(losses[-3:]) < np.mean(losses[:3])
+    c.distill.fkl_weight = 1.0
+    c.distill.student_optim.lr = 3e-3
+    before = float(VD.fkl_regulariser(student, pairs))
+    distilled, last = VD.distill_video(c, teacher, str(tmp_path / "student"), pairs=pairs,
+                                       student=student)
+    assert float(VD.fkl_regulariser(distilled, pairs)) < before
+    assert np.isfinite(last["critic/loss_dsm"])
+    clip = hiar.sample(distilled, hiar.draw_noise(jax.random.key(1), 2, (2, 2 * T, SIZE, SIZE, 1)),
+                       sigmas, block_size=BS, window=T)
+    assert clip.shape == (2, 2 * T, SIZE, SIZE, 1) and bool(jnp.isfinite(clip).all())
