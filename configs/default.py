@@ -77,7 +77,7 @@ def get_default_config() -> ml_collections.ConfigDict:
     s.n_corrector = 1
     s.num_samples = 64
     s.batch_size = 64
-    s.guidance = 0.0          # classifier-free guidance scale (0: none)
+    s.guidance = 1.0          # CFG: D(x) + w (D(x, c) - D(x)); w = 1 is plain conditional
 
     c.eval = e = ml_collections.ConfigDict()
     e.num_examples = 256      # likelihood: how many test examples
