@@ -20,6 +20,7 @@ MODES = {
     "sample": ("fdistill.generate", "sample"),
     "likelihood": ("fdistill.generate", "likelihood"),
     "quickstart": ("fdistill.quickstart", "run"),
+    "distill": ("fdistill.distill", "distill"),
 }
 
 config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.",
