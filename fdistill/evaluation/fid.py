@@ -149,7 +149,7 @@ def _stream(batches, inception_fn, num_samples: int, *, keep_features: int, prog
     stats = None
     logits, kept = [], []
     n_kept = done = 0
-    t0 = time.time()
+    t0 = last = time.time()
     for images in batches:
         images = images[:num_samples - done]
         pool, lg = inception_fn(images)
@@ -161,8 +161,9 @@ def _stream(batches, inception_fn, num_samples: int, *, keep_features: int, prog
             kept.append(np.asarray(pool[:keep_features - n_kept], np.float32))
             n_kept += len(kept[-1])
         done += len(images)
-        if progress:
-            print(f"{what}: {done}/{num_samples} images  {done / (time.time() - t0):.1f} img/s",
+        if progress and (time.time() - last > 10 or done >= num_samples):
+            last = time.time()
+            print(f"{what}: {done}/{num_samples} images  {done / (last - t0):.1f} img/s",
                   flush=True)
         if done >= num_samples:
             break

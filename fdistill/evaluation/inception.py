@@ -468,7 +468,7 @@ class InceptionFeatures:
             self._resize[(h, w)] = (jnp.asarray(resize_matrix(h)), jnp.asarray(resize_matrix(w)))
         rows, cols = self._resize[(h, w)]
         pools, logits = [], []
-        t0 = time.time()
+        t0 = last = time.time()
         for start in range(0, n, self.batch_size):
             chunk = images[start:start + self.batch_size]
             m = len(chunk)
@@ -479,9 +479,10 @@ class InceptionFeatures:
             p, lg = self._forward(self._state, x, rows, cols)
             pools.append(_local(p)[:m])
             logits.append(_local(lg)[:m])
-            if progress and jax.process_index() == 0:
-                done = start + m
-                print(f"inception features {done}/{n}  {done / (time.time() - t0):.1f} img/s",
+            done = start + m
+            if progress and jax.process_index() == 0 and (time.time() - last > 10 or done == n):
+                last = time.time()
+                print(f"inception features {done}/{n}  {done / (last - t0):.1f} img/s",
                       flush=True)
         if not pools:
             return (np.zeros((0, NUM_FEATURES), np.float32), np.zeros((0, NUM_LOGITS), np.float32))
