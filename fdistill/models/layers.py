@@ -115,7 +115,9 @@ def _depthwise(x, kernel: np.ndarray, *, stride: int, pad: int, lhs_dilation: in
 
 
 def conv2d(x: jax.Array, w: jax.Array, *, pad: int) -> jax.Array:
-  """Stride-1 convolution, NHWC input, HWIO kernel, symmetric zero padding."""
+  """Stride-1 convolution, NHWC input, HWIO kernel, symmetric zero padding (1x1: a matmul)."""
+  if w.shape[:2] == (1, 1) and pad == 0:
+    return x @ w[0, 0]
   return jax.lax.conv_general_dilated(x, w, (1, 1), ((pad, pad), (pad, pad)),
                                       dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
@@ -192,13 +194,19 @@ class GroupNorm(nnx.Module):
     self.bias = nnx.Param(jnp.asarray(np.zeros((num_channels,), np.float32)))
 
   def __call__(self, x):
-    shape = x.shape
-    g = x.reshape(shape[:-1] + (self.groups, shape[-1] // self.groups))
-    axes = tuple(range(1, g.ndim - 2)) + (g.ndim - 1,)
-    mean = g.mean(axis=axes, keepdims=True)
-    var = jnp.square(g - mean).mean(axis=axes, keepdims=True)
-    g = (g - mean) * jax.lax.rsqrt(var + self.eps)
-    return g.reshape(shape) * self.weight[...] + self.bias[...]
+    # One pass of per-channel sums of x and x^2 over the spatial axes, then per-group moments and a
+    # per-(sample, channel) scale and shift: var = E[x^2] - E[x]^2 (clamped at 0). About 2-3x faster
+    # on XLA:CPU, forward and backward, than centring inside grouped reductions.
+    b, c = x.shape[0], x.shape[-1]
+    axes = tuple(range(1, x.ndim - 1))
+    n = math.prod(x.shape[1:-1]) * (c // self.groups)
+    mean = x.sum(axis=axes).reshape(b, self.groups, -1).sum(-1) / n
+    sq = jnp.square(x).sum(axis=axes).reshape(b, self.groups, -1).sum(-1) / n
+    inv = jax.lax.rsqrt(jnp.maximum(sq - jnp.square(mean), 0.) + self.eps)
+    scale = jnp.repeat(inv, c // self.groups, axis=1) * self.weight[...]
+    shift = self.bias[...] - jnp.repeat(mean, c // self.groups, axis=1) * scale
+    expand = (b,) + (1,) * len(axes) + (c,)
+    return x * scale.reshape(expand) + shift.reshape(expand)
 
 
 class UNetBlock(nnx.Module):
@@ -248,12 +256,14 @@ class UNetBlock(nnx.Module):
     return x
 
   def attention(self, x):
-    """Dot-product self-attention over the H*W positions; qkv channels laid out as EDM's
-    (head, channel, {q, k, v})."""
+    """Dot-product self-attention over the H*W positions. The qkv weight keeps EDM's output layout
+    (head, channel, {q, k, v}); it is permuted to contiguous [q | k | v] blocks before use."""
     b, h, w, c = x.shape
     n, d = self.num_heads, c // self.num_heads
-    qkv = self.qkv(x).reshape(b, h * w, n, d, 3)
-    q, k, v = qkv[..., 0], qkv[..., 1], qkv[..., 2]
+    weight = self.qkv.weight[...].reshape(c, n, d, 3).transpose(0, 3, 1, 2).reshape(c, 3 * c)
+    bias = self.qkv.bias[...].reshape(n, d, 3).transpose(2, 0, 1).reshape(3 * c)
+    qkv = (x.reshape(b, h * w, c) @ weight + bias).reshape(b, h * w, 3, n, d)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     logits = jnp.einsum('bqnd,bknd->bnqk', q, k) / math.sqrt(d)
     a = jnp.einsum('bnqk,bknd->bqnd', jax.nn.softmax(logits, axis=-1), v)
     return a.reshape(b, h, w, c)
