@@ -34,7 +34,8 @@ def test_frechet_distance_live_against_pytorch_fid():
     rng = np.random.default_rng(5)
     for d, rank in ((8, 20), (24, 3)):
         a, b = rng.standard_normal((d, rank)), rng.standard_normal((d, rank))
-        args = (rng.standard_normal(d), a @ a.T, rng.standard_normal(d), b @ b.T + 1e-9 * np.eye(d))
+        args = (rng.standard_normal(d), a @ a.T,
+                rng.standard_normal(d), b @ b.T + 1e-9 * np.eye(d))
         np.testing.assert_allclose(fid.frechet_distance(*args),
                                    fid_score.calculate_frechet_distance(*args), rtol=1e-9)
 
@@ -84,7 +85,8 @@ def test_stats_files_round_trip_and_errors(tmp_path):
     np.savez(edm_style, mu=mu, sigma=sigma)  # EDM's reference files hold exactly these keys
     stats = fid.load_stats(edm_style)
     np.testing.assert_array_equal(stats["mu"], mu)
-    assert fid.frechet_distance(stats["mu"], stats["sigma"], mu, sigma) == pytest.approx(0, abs=1e-9)
+    fd = fid.frechet_distance(stats["mu"], stats["sigma"], mu, sigma)
+    assert fd == pytest.approx(0, abs=1e-9)
 
     missing = str(tmp_path / "nothing.npz")
     with pytest.raises(FileNotFoundError) as e:

@@ -1,1 +1,1 @@
-"""Evaluation: FID Inception port, Frechet distance, IS, precision/recall, KID, in-domain classifier metrics."""
+"""Evaluation: Inception port, FID, IS, precision/recall, KID, in-domain metrics."""

@@ -91,8 +91,8 @@ class InDomainClassifier:
     def _check(self, x) -> np.ndarray:
         x = np.asarray(x)
         if x.dtype == np.uint8 or x.ndim != 4 or x.shape[1:] != self.image_shape:
-            raise ValueError(f"the {self.name} classifier takes float images {list(self.image_shape)}"
-                             f" (NHWC) in [-1, 1], got {x.dtype} {x.shape}")
+            raise ValueError(f"the {self.name} classifier takes float images "
+                             f"{list(self.image_shape)} (NHWC) in [-1, 1], got {x.dtype} {x.shape}")
         if x.size and (np.abs(x).max() > 1.5 or not np.all(np.isfinite(x))):
             raise ValueError(f"images must lie in [-1, 1]; got range [{x.min():.3g}, {x.max():.3g}]"
                              " (uint8 data: x / 127.5 - 1)")

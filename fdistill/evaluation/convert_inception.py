@@ -1,4 +1,4 @@
-"""Converts pytorch-fid's FID Inception weights (.pth) to an .npz that evaluation reads without torch.
+"""Converts pytorch-fid's FID Inception weights (.pth) to an .npz read without torch.
 
     python -m fdistill.evaluation.convert_inception \
         --pth=pt_inception-2015-12-05-6726825d.pth --out=inception-2015-12-05.npz

@@ -20,7 +20,6 @@ import functools
 import hashlib
 import os
 import time
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -190,8 +189,9 @@ class InceptionV3(nnx.Module):
     """FID Inception-v3: x [N, 299, 299, 3] in [-1, 1] -> (pool [N, 2048], logits [N, 1008]).
 
     ``logits = pool @ W_fc (+ b_fc if output_bias)``. Without the bias (the default) these are
-    the logits every reference Inception Score uses (openai/improved-gan's ``softmax/logits/MatMul``,
-    StyleGAN3's ``no_output_bias=True``, torch-fidelity's ``logits_unbiased``).
+    the logits every reference Inception Score uses (openai/improved-gan's
+    ``softmax/logits/MatMul``, StyleGAN3's ``no_output_bias=True``, torch-fidelity's
+    ``logits_unbiased``).
     """
 
     def __init__(self, *, rngs: nnx.Rngs):
@@ -518,6 +518,3 @@ def from_random_weights(seed: int, **kwargs) -> InceptionFeatures:
     model = model_from_state_dict(random_state_dict(seed), source=f"random weights (seed {seed})")
     return InceptionFeatures(model, weights_path=f"random:{seed}", weights_sha256=f"random:{seed}",
                              **kwargs)
-
-
-FeatureFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
