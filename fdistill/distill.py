@@ -499,7 +499,7 @@ class Distiller:
             state["student"])
         updates, opt = self.tx["student"].update(grads, state["opt_student"], state["student"])
         params = optax.apply_updates(state["student"], updates)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         metrics = dict(metrics, **{"student/grad_norm": grad_norm})
         new = dict(state, student=params, opt_student=opt, ratio_ema=ratio_ema,
                    student_ema=train.ema_update(state["student_ema"], params, self.ema_rate))
@@ -523,9 +523,9 @@ class Distiller:
         up_f, opt_f = self.tx["fake_score"].update(g_fake, state["opt_fake_score"],
                                                    state["fake_score"])
         up_d, opt_d = self.tx["disc"].update(g_disc, state["opt_disc"], state["disc"])
-        grad_norm = optax.global_norm(g_fake)
+        grad_norm = optax.tree.norm(g_fake)
         metrics = dict(metrics, **{"critic/grad_norm": grad_norm,
-                                   "critic/disc_grad_norm": optax.global_norm(g_disc)})
+                                   "critic/disc_grad_norm": optax.tree.norm(g_disc)})
         new = dict(state, fake_score=optax.apply_updates(state["fake_score"], up_f),
                    disc=optax.apply_updates(state["disc"], up_d),
                    opt_fake_score=opt_f, opt_disc=opt_d)

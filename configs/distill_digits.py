@@ -1,0 +1,30 @@
+"""f-distill of the 8x8 digits teacher (configs/digits.py) into a one-step class-conditional student.
+
+Run on 2 CPU cores (teacher first, minutes each):
+    python -m fdistill.main --config=configs/digits.py --workdir=runs/digits --mode=train
+    python -m fdistill.main --config=configs/distill_digits.py --workdir=runs/digits_fkl \
+        --mode=distill --config.distill.teacher_workdir=runs/digits
+experiments/digits_fdistill.py runs teacher -> reverse-KL / forward-KL / JS students and scores
+them with an in-domain Frechet distance.
+"""
+from configs import digits
+from configs.distill_base import add_distill, optim
+
+
+def get_config():
+    c = add_distill(digits.get_config(), teacher_workdir="runs/digits", divergence="fkl")
+    d = c.distill
+    d.disc_resolutions = (8, 4)
+    d.student_optim = optim(1e-4, weight_decay=0.0)
+    d.fake_score_optim = optim(1e-4, weight_decay=0.0, grad_clip=0.0)
+    d.disc_optim = optim(1e-4, weight_decay=0.0, grad_clip=0.0)
+    d.gan_weight = 1e-2
+    d.r1_weight = 0.0
+    d.batch_size = 64
+    d.num_steps = 3000
+    d.ema_rate = 0.99
+    d.log_every = 250
+    d.ckpt_every = 1000
+    d.num_eval_samples = 512
+    d.eval_batch_size = 256
+    return c
