@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
+import os
 import time
 
 import jax
@@ -33,7 +34,7 @@ from flax import nnx
 
 from fdistill import divergences as divergences_lib
 from fdistill import generate as generate_lib
-from fdistill import models, monitor, sharding, train
+from fdistill import checkpoint, models, monitor, sharding, train
 
 Array = jax.Array
 FEATURE_SOURCES = ("teacher", "fake_score")
@@ -621,4 +622,49 @@ def distill(config, workdir: str) -> dict:
     monitor.write_results(workdir, results)
     if jax.process_index() == 0:
         print(f"student ({results['nfe']} network evaluation(s) per sample) -> {png}")
+    return results
+
+
+def load_student(config, workdir: str):
+    """(Distiller, state) restored from a distillation `workdir` (no teacher checkpoint needed).
+
+    Fails before compiling when `workdir` has no restorable checkpoint for this config.
+    """
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(ckpt_dir):
+        raise FileNotFoundError(f"no student checkpoint in {ckpt_dir}; distil one first with "
+                                f"`python -m fdistill.main --config=<its config> "
+                                f"--workdir={workdir} --mode=distill`")
+    distiller = Distiller(config, train.build_model(config), sharding.make_mesh())
+    ckpt = checkpoint.Checkpointer(ckpt_dir)
+    try:
+        step, state = ckpt.restore_latest(distiller.initial_state)
+    finally:
+        ckpt.close()
+    if step is None:
+        raise FileNotFoundError(f"no student checkpoint in {ckpt_dir}")
+    return distiller, state
+
+
+def sample(config, workdir: str) -> dict:
+    """`--mode=sample` for a student: one network evaluation per sample (`student_steps` in
+    general) from the EMA student; writes student_samples.png/.npz and results.json."""
+    distiller, state = load_student(config, workdir)
+    n = config.sampling.num_samples
+    key = jax.random.key(config.seed + 2)
+    batch = min(n, config.sampling.batch_size)
+    draw_student_samples(distiller, state["student_ema"], batch, key, batch)   # compile
+    t0 = time.time()
+    x = draw_student_samples(distiller, state["student_ema"], n, key, batch)
+    seconds = time.time() - t0
+    png = generate_lib.save_samples(config, workdir, x, "student_samples")
+    results = {"sample/nfe": len(distiller.objective.student_sigmas), "sample/num_samples": len(x),
+               "sample/checkpoint_step": int(sharding.to_host(state["step"])),
+               "sample/seconds_per_sample": seconds / len(x)}
+    if config.data.name == "toy":
+        results.update({f"sample/{k}": v for k, v in generate_lib.toy_metrics(config, x).items()})
+    monitor.write_results(workdir, results)
+    if jax.process_index() == 0:
+        print(f"{len(x)} student samples, {results['sample/nfe']} network evaluation(s) each "
+              f"-> {png}")
     return results

@@ -98,6 +98,8 @@ def test_end_to_end_toy_distillation_recovers_all_modes(teacher_config, tmp_path
     with open(tmp_path / "results.json") as f:
         assert json.load(f)["student/recall"] == results["student/recall"]
     assert (tmp_path / "student_samples.png").exists()
+    sampled = distill.sample(c, str(tmp_path))                # --mode=sample on the student
+    assert sampled["sample/nfe"] == 1 and sampled["sample/recall"] >= 0.875
 
 
 def test_missing_or_mismatched_teacher_fails_before_compiling(teacher_config, tmp_path):
@@ -113,6 +115,8 @@ def test_missing_or_mismatched_teacher_fails_before_compiling(teacher_config, tm
     with pytest.raises(ValueError, match="does not match"):
         distill.distill(c, str(tmp_path / "out"))
     assert not (tmp_path / "out" / "checkpoints").exists()
+    with pytest.raises(FileNotFoundError, match="no student checkpoint"):
+        distill.sample(teacher_config, str(tmp_path / "out"))
 
 
 def test_bad_distill_settings(teacher_config):
