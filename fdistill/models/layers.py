@@ -296,6 +296,7 @@ class FourierEmbedding(nnx.Module):
   def __init__(self, num_channels: int, *, scale: float = 16., rngs: nnx.Rngs):
     if num_channels % 2:
       raise ValueError(f'FourierEmbedding needs an even number of channels; got {num_channels}.')
+    # kaiming_normal with fan_in 1 is a unit normal: freqs ~ N(0, scale^2).
     self.freqs = Buffer(weight_init(rngs.params(), (num_channels // 2,), 'kaiming_normal', 1, 1, scale))
 
   def __call__(self, t):
