@@ -1,0 +1,135 @@
+"""Every config in configs/ loads, builds its network abstractly (no parameters allocated) with the
+parameter count its architecture implies, and documents a command line that the CLI accepts."""
+import glob
+import importlib
+import os
+import re
+
+import jax
+import pytest
+from flax import nnx
+
+from fdistill import main, models
+from fdistill.models import video
+from tests.test_models import ref_songunet_params
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
+                 if hasattr(importlib.import_module(f"configs.{os.path.basename(p)[:-3]}"),
+                            "get_config"))
+# Dataset bases are completed by overrides; their docstring names the overrides to run.
+BASES = {"cifar10": ("cifar10_edm_ddpmpp", "cifar10_vp_ddpmpp", "cifar10_ve_ncsnpp")}
+# Parameter counts with a published or hand-derived reference:
+#   EDM's CIFAR-10 DDPM++ / NCSN++ snapshots less map_augment (9 x 128 / 9 x 256 weights, no
+#   bias; tests/test_models.py); conditional adds map_label Linear(10, 128) = 1,408.
+#   toy MLP (h = 256, depth 4, 2-D): 2 mapping layers + 4 blocks x 3 layers of h^2 + h, plus
+#   in (2h + h) and out (2h + 2) = 922,370. Video transformer (D = 64, depth 4, 4x4 patches of
+#   1 channel, 16 tokens/frame): 318,544 (see `video_transformer_params`).
+EXPECTED = {"cifar10_edm_ddpmpp": 55_732_739, "cifar10_vp_ddpmpp": 55_732_739,
+            "cifar10": 55_732_739, "cifar10_ve_ncsnpp": 56_395_523,
+            "distill_cifar10": 55_732_739 + 1_408, "toy": 922_370, "distill_toy": 922_370,
+            "video": 318_544}
+
+
+def load(name):
+    return importlib.import_module(f"configs.{name}").get_config()
+
+
+def build_abstract(config):
+    """The config's denoiser as shapes only; a distill config shares its teacher's build."""
+    key = tuple(config[k].to_json() for k in ("data", "model", "process"))
+    if key not in _BUILT:
+        build = video.get_video_model if config.data.name == "video" else models.get_model
+        _BUILT[key] = nnx.eval_shape(lambda: build(config, rngs=nnx.Rngs(0)))
+    return _BUILT[key]
+
+
+_BUILT = {}
+
+
+def n_params(module) -> int:
+    return sum(x.size for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
+
+
+def mlp_params(dim, hidden, depth, label_dim):
+    linear = lambda i, o: i * o + o
+    return (2 * linear(hidden, hidden) + linear(dim, hidden) + 3 * depth * linear(hidden, hidden)
+            + linear(hidden, dim) + (linear(label_dim, hidden) if label_dim else 0))
+
+
+def video_transformer_params(size, channels, patch, dim, depth, mlp_ratio):
+    """embed + positions + 2 noise layers + blocks (qkv, proj, fc1, fc2, adaLN 6D) + adaLN-out + out."""
+    linear = lambda i, o: i * o + o
+    patch_dim, tokens = patch * patch * channels, (size // patch) ** 2
+    block = (linear(dim, 3 * dim) + linear(dim, dim) + linear(dim, mlp_ratio * dim)
+             + linear(mlp_ratio * dim, dim) + linear(dim, 6 * dim))
+    return (linear(patch_dim, dim) + tokens * dim + 2 * linear(dim, dim) + depth * block
+            + linear(dim, 2 * dim) + linear(dim, patch_dim))
+
+
+def reference_count(config) -> int:
+    """The count implied by the config, from layer lists independent of fdistill.models."""
+    d, m = config.data, config.model
+    if m.name == "mlp":
+        return mlp_params(d.dim, m.hidden, m.depth, d.num_classes)
+    if m.name == "video_transformer":
+        return video_transformer_params(d.size, d.channels, m.patch_size, m.dim, m.depth,
+                                        m.mlp_ratio)
+    return ref_songunet_params(d.image_size, d.num_channels, d.num_classes, m.model_channels,
+                               tuple(m.channel_mult), m.channel_mult_emb, m.num_blocks,
+                               tuple(m.attn_resolutions), m.channel_mult_noise, m.encoder_type,
+                               m.decoder_type)
+
+
+def test_all_configs_are_found():
+    assert {"toy", "digits", "cifar10_edm_ddpmpp", "distill_cifar10", "video"} <= set(CONFIGS)
+    assert "default" not in CONFIGS and "distill_base" not in CONFIGS
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_network_builds_abstractly_with_its_parameter_count(name):
+    config = load(name)
+    model = build_abstract(config)
+    leaves = jax.tree.leaves(nnx.state(model))
+    assert leaves and all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)  # nothing allocated
+    count = n_params(model)
+    assert count == reference_count(config)
+    if name in EXPECTED:
+        assert count == EXPECTED[name]
+
+
+def _commands(doc: str) -> list[str]:
+    """`python -m fdistill.main ...` commands in a docstring, backslash continuations joined."""
+    joined = re.sub(r"\\\s*\n\s*", " ", doc)
+    return [line.strip() for line in joined.splitlines() if "python -m fdistill.main" in line]
+
+
+def _field_exists(config, dotted: str) -> bool:
+    node = config
+    for part in dotted.split("."):
+        if part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_docstring_gives_a_command_line_for_existing_fields(name):
+    doc = importlib.import_module(f"configs.{name}").__doc__ or ""
+    if name in BASES:
+        for override in BASES[name]:
+            assert override in doc and override in CONFIGS
+        return
+    commands = _commands(doc)
+    assert any(f"--config=configs/{name}.py" in c for c in commands), doc
+    config = load(name)
+    for command in commands:
+        for field in re.findall(r"--config\.([\w.]+)=", command):
+            assert _field_exists(config, field), (name, field)
+
+
+@pytest.mark.parametrize("name", [n for n in CONFIGS if n not in BASES])
+def test_docstring_commands_use_modes_the_cli_has(name):
+    for command in _commands(importlib.import_module(f"configs.{name}").__doc__):
+        mode = re.search(r"--mode=(\w+)", command)
+        assert mode and mode.group(1) in main.MODES, (name, command, sorted(main.MODES))
