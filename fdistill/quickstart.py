@@ -1,20 +1,23 @@
-"""The README's first command: a 2-D toy teacher, sampled two ways, in a few minutes on a CPU.
+"""The README's first command: a 2-D toy teacher and its one-step students, in minutes on a CPU.
 
-Trains the toy teacher of ``configs/toy.py`` (mixture of Gaussians; its density is known, so
-the metrics are exact-ish), samples it with EDM's Heun sampler on the probability-flow ODE and
-with Euler-Maruyama on the reverse SDE, prints a table, writes ``results.json`` and
-``quickstart.png`` (true density, then one panel per sampler).
+Trains the toy teacher of ``configs/toy.py`` (a mixture of Gaussians, whose density is known),
+samples it with EDM's Heun sampler on the probability-flow ODE and with Euler-Maruyama on the
+reverse SDE, distills one-step students with reverse-KL, forward-KL and Jensen-Shannon
+(``configs/distill_toy.py``), prints a table, and writes ``results.json`` and ``quickstart.png``
+(the true density, then one panel per row of the table).
 """
 from __future__ import annotations
 
 import os
 
 import jax
+import ml_collections
 import numpy as np
 
-from fdistill import data, generate, monitor, train
+from fdistill import data, distill, generate, monitor, train
 
 SAMPLERS = (("heun", 18), ("euler_maruyama", 100))
+STUDENTS = ("rkl", "fkl", "js")
 
 
 def _table(rows: list[dict]) -> str:
@@ -24,6 +27,16 @@ def _table(rows: list[dict]) -> str:
         lines.append("| " + " | ".join(str(r[c]) if isinstance(r[c], (str, int)) else f"{r[c]:.3f}"
                                        for c in cols) + " |")
     return "\n".join(lines)
+
+
+def student_config(config, teacher_dir: str, divergence: str) -> ml_collections.ConfigDict:
+    """The teacher's config plus ``configs/distill_toy.py``'s distill section."""
+    from configs import distill_toy
+    c = ml_collections.ConfigDict(config.to_dict())
+    c.distill = distill_toy.get_config().distill
+    c.distill.teacher_workdir = teacher_dir
+    c.distill.divergence = divergence
+    return c
 
 
 def run(config, workdir: str) -> dict:
@@ -43,6 +56,13 @@ def run(config, workdir: str) -> dict:
         x = generate.draw_samples(sample_batch, config, n, key)
         rows.append({"model": f"teacher/{name}", "nfe": nfe, **generate.toy_metrics(config, x)})
         panels.append(monitor.density_image(x, extent=extent))
+    for divergence in STUDENTS:
+        dc = student_config(config, teacher_dir, divergence)
+        out = distill.distill(dc, os.path.join(workdir, f"student_{divergence}"))
+        x = np.load(os.path.join(workdir, f"student_{divergence}", "student_samples.npz"))["samples"]
+        rows.append({"model": f"student/{divergence}", "nfe": out["nfe"],
+                     **generate.toy_metrics(config, x[:n])})
+        panels.append(monitor.density_image(x[:n], extent=extent))
     png = os.path.join(workdir, "quickstart.png")
     monitor.save_png(png, monitor.panel_row(panels))
     results = {"quickstart": rows}
