@@ -11,12 +11,15 @@ and r is read off a discriminator trained with the logistic loss (at its optimum
 Everything is written for EDM-parametrised denoisers (alpha = 1, t = sigma), so with
 x0-predictions s_p - s_q = (x0_teacher - x0_fake) / sigma^2 (DESIGN.md 2.2-2.4).
 
-The module is in two layers:
+The module is in three layers:
 * pure maths on arrays (noise grid, density ratio and its normalisations, the f-weighted
   distribution-matching loss, the GAN and critic losses) that tests check against closed forms;
 * `FDistill`, which composes them with the networks (student, teacher, fake score, discriminator,
   all called through the `Denoiser` / `Discriminator` interfaces of CONTRACTS.md) into the student
-  loss and the critic loss of one iteration.
+  loss and the critic loss of one iteration;
+* `Distiller` (state pytree, jitted donated sharded steps) and the loops `distill(config, workdir)`
+  (`--mode=distill`) and `sample(config, workdir)` (`--mode=sample` for a student), built on the
+  teacher loop's machinery in `fdistill.train`.
 """
 from __future__ import annotations
 
