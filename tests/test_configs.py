@@ -58,7 +58,8 @@ def mlp_params(dim, hidden, depth, label_dim):
 
 
 def video_transformer_params(size, channels, patch, dim, depth, mlp_ratio):
-    """embed + positions + 2 noise layers + blocks (qkv, proj, fc1, fc2, adaLN 6D) + adaLN-out + out."""
+    """embed + positions + 2 noise layers + blocks (qkv, proj, fc1, fc2, adaLN 6D) + adaLN-out
+    + out."""
     linear = lambda i, o: i * o + o
     patch_dim, tokens = patch * patch * channels, (size // patch) ** 2
     block = (linear(dim, 3 * dim) + linear(dim, dim) + linear(dim, mlp_ratio * dim)

@@ -98,9 +98,10 @@ def test_cifar10_edm_ddpmpp_trains_and_samples_on_mock_tfds(tmp_path, mock_cifar
 
 @pytest.mark.parametrize("module", [cifar10_vp_ddpmpp, cifar10_ve_ncsnpp], ids=["vp", "ve"])
 def test_score_sde_cifar10_configs_train_on_mock_tfds(tmp_path, mock_cifar10, module):
-    """At initialisation the network output is ~0 (EDM's 1e-5 output init), so with the 'vp' / 've'
-    preconditioning x0_hat = x_t / alpha and the score is 0: the DSM loss sigma^2 ||s + z / sigma||^2
-    (mean over dimensions) is mean(z^2) = 1 +- 0.013 for 4 x 3072 values, whatever t is drawn."""
+    """At initialisation the network output is ~0 (EDM's 1e-5 output init), so with the 'vp' /
+    've' preconditioning x0_hat = x_t / alpha and the score is 0: the DSM loss
+    sigma^2 ||s + z / sigma||^2 (mean over dimensions) is mean(z^2) = 1 +- 0.013 for 4 x 3072
+    values, whatever t is drawn."""
     config = _tiny_unet(module.get_config(), mock_cifar10)
     assert config.training.loss == "dsm" and config.model.precond in ("vp", "ve")
     out = train.train(config, str(tmp_path))
