@@ -105,7 +105,8 @@ def train_video_teacher(config, workdir: str) -> dict:
         loop=train.LoopConfig(num_steps=t.num_steps, log_every=t.log_every,
                               ckpt_every=t.ckpt_every,
                               keep_checkpoints=t.get("keep_checkpoints", 3)))
-    teacher = train.merge(graphdef, sharding.to_host(state["ema"]), others)
+    params = "ema" if t.get("sample_with_ema", True) else "params"
+    teacher = train.merge(graphdef, sharding.to_host(state[params]), others)
     clips = np.asarray(hiar.teacher_sample(teacher, jax.random.key(config.seed + 1),
                                            (16, *ds.shape),
                                            num_steps=config.sampling.num_steps))
@@ -121,8 +122,11 @@ def train_video_teacher(config, workdir: str) -> dict:
     return results
 
 
-def load_video_teacher(config, workdir: str, *, use_ema: bool = True) -> VideoDenoiser:
-    """The teacher of ``config`` with the (EMA) parameters of the newest good checkpoint."""
+def load_video_teacher(config, workdir: str, *, use_ema: bool | None = None) -> VideoDenoiser:
+    """The teacher of ``config`` with the parameters of the newest good checkpoint: the EMA
+    unless ``config.training.sample_with_ema`` is False (or ``use_ema`` says otherwise)."""
+    if use_ema is None:
+        use_ema = config.training.get("sample_with_ema", True)
     from fdistill import checkpoint
     ckpt_dir = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(ckpt_dir) or not checkpoint.Checkpointer(ckpt_dir).all_steps():
@@ -268,8 +272,7 @@ class VideoDistiller:
         self.order, self.fkl_weight, self.fkl_mask = d.order, d.fkl_weight, d.fkl_mask
         self.block_size, self.window = s.block_size, s.window
         self.critic_ratio = d.critic_ratio
-        self.sigmas = hiar.step_sigmas(s.num_steps, sigma_max=process.sigma_max,
-                                       sigma_last=s.sigma_last, rho=process.rho)
+        self.sigmas = student_sigmas_of(config, process)
         self.grid = fdistill_lib.noise_grid(process, d.num_noise_steps)
         self.index_range = tuple(d.index_range)
         self.sigma_data = process.sigma_data
@@ -277,10 +280,11 @@ class VideoDistiller:
         self.use_ratio = needs_ratio(self.divergence)
 
     def generate(self, student, key, batch_size: int, shape, *, train: bool):
-        """Self-rollout: random exit step (shared by all blocks) when ``train``."""
+        """Self-rollout; when ``train``, it exits at one random step shared by all blocks."""
         k_noise, k_exit = jax.random.split(key)
         noise = hiar.draw_noise(k_noise, len(self.sigmas) - 1, (batch_size, *shape))
-        exit_step = jax.random.randint(k_exit, (), 0, len(self.sigmas) - 1)
+        exit_step = (jax.random.randint(k_exit, (), 0, len(self.sigmas) - 1) if train
+                     else None)
         return hiar.rollout(student, noise, self.sigmas, block_size=self.block_size,
                             window=self.window, order=self.order, exit_step=exit_step)
 
@@ -315,18 +319,18 @@ class VideoDistiller:
         return loss, metrics
 
     def critic_loss(self, fake, disc, student, teacher, key, real_x):
-        k_gen, k_fake, k_real = jax.random.split(key, 3)
+        k_gen, k_sigma, k_eps, k_fake, k_real = jax.random.split(key, 5)
         b = real_x.shape[0]
         x = jax.lax.stop_gradient(self.generate(student, k_gen, b, real_x.shape[1:], train=True))
-        sigma = self.process.sample_training_sigma(k_fake, b)
-        x_t = x + sigma[:, None, None, None, None] * jax.random.normal(k_real, x.shape)
+        sigma = self.process.sample_training_sigma(k_sigma, b)
+        x_t = x + sigma[:, None, None, None, None] * jax.random.normal(k_eps, x.shape)
         sig = jnp.broadcast_to(sigma[:, None], x.shape[:2])
         loss_dsm = fdistill_lib.fake_score_loss(fake(x_t, sig), x, sigma, self.sigma_data).mean()
         metrics = {"critic/loss_dsm": loss_dsm}
         loss = loss_dsm
         if self.use_ratio:
-            xf_t, sig_f = self._noised(jax.random.fold_in(k_fake, 1), x)
-            xr_t, sig_r = self._noised(jax.random.fold_in(k_real, 1), real_x)
+            xf_t, sig_f = self._noised(k_fake, x)
+            xr_t, sig_r = self._noised(k_real, real_x)
             feats = lambda a, s: jax.lax.stop_gradient(teacher(a, s, return_features=True)[1])
             logit_fake, logit_real = disc(feats(xf_t, sig_f)), disc(feats(xr_t, sig_r))
             loss_d = fdistill_lib.discriminator_loss(logit_fake, logit_real).mean()
@@ -425,8 +429,7 @@ def distill_video(config, teacher: VideoDenoiser, workdir: str, *, pairs: dict |
     """
     d, s = config.distill, config.student
     ds = get_video_dataset(config.data, global_batch_size=d.batch_size, seed=config.seed)
-    sigmas = hiar.step_sigmas(s.num_steps, sigma_max=teacher.process.sigma_max,
-                              sigma_last=s.sigma_last, rho=teacher.process.rho)
+    sigmas = student_sigmas_of(config, teacher.process)
     if pairs is None:
         pairs = ode_pairs(teacher, jax.random.key(config.seed + 11), d.num_pairs, ds.shape,
                           sigmas, substeps=d.pair_substeps)
@@ -438,13 +441,15 @@ def distill_video(config, teacher: VideoDenoiser, workdir: str, *, pairs: dict |
     critic_step, student_step = make_distill_steps(config, teacher, graphs, txs, shape=ds.shape)
     teacher_params = train.split(teacher)[1]
 
+    student_metrics = {}
+
     def step_fn(state, i):
         real_x = jnp.asarray(ds.batch(i)["x"])
-        metrics = {}
         if i % d.critic_ratio == 0:
             state, metrics = student_step(state, teacher_params, real_x, pairs)
+            student_metrics.update(metrics)
         state, critic_metrics = critic_step(state, teacher_params, real_x, pairs)
-        return state, {**metrics, **critic_metrics}
+        return state, {**student_metrics, **critic_metrics}
 
     mesh = sharding.make_mesh()
     shardings = jax.tree.map(lambda _: sharding.replicated(mesh), state)
@@ -455,6 +460,21 @@ def distill_video(config, teacher: VideoDenoiser, workdir: str, *, pairs: dict |
                                                   ckpt_every=d.get("ckpt_every", d.num_iters)))
     g_s, o_s = graphs["student"]
     return train.merge(g_s, state["student_ema"], o_s), last
+
+
+def load_video_student(config, teacher: VideoDenoiser, workdir: str) -> VideoDenoiser:
+    """The distilled student (EMA parameters) of the newest good checkpoint of ``distill_video``."""
+    from fdistill import checkpoint
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(ckpt_dir) or not checkpoint.Checkpointer(ckpt_dir).all_steps():
+        raise FileNotFoundError(f"no distillation checkpoint in {ckpt_dir}; run distill_video "
+                                f"(or experiments/video_hiar.py) first.")
+    graphs, template, _ = init_distill_state(config, teacher)
+    ckpt = checkpoint.Checkpointer(ckpt_dir)
+    _, state = ckpt.restore_latest(template)
+    ckpt.close()
+    g_s, o_s = graphs["student"]
+    return train.merge(g_s, state["student_ema"], o_s)
 
 
 def student_sigmas_of(config, process) -> np.ndarray:
