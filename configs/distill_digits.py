@@ -1,4 +1,4 @@
-"""f-distill of the 8x8 digits teacher (configs/digits.py) into a one-step class-conditional student.
+"""f-distill of the 8x8 digits teacher (configs/digits.py) into a one-step conditional student.
 
 Run on 2 CPU cores (teacher first, minutes each):
     python -m fdistill.main --config=configs/digits.py --workdir=runs/digits --mode=train

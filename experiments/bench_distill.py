@@ -35,8 +35,10 @@ from experiments.bench_teacher import benchmark_config
 from fdistill import distill, losses, sampling, sharding, train
 
 
-def distill_config(divergence: str, batch: int):
+def distill_config(divergence: str, batch: int, smoke: bool = False):
     c = add_distill(benchmark_config(), divergence=divergence)
+    if smoke:                                   # a much smaller network, to check the script
+        c.model.model_channels, c.model.num_blocks = 16, 1
     c.seed = 0
     d = c.distill
     d.disc_resolutions = (16,)
@@ -48,6 +50,16 @@ def distill_config(divergence: str, batch: int):
     d.disc_optim = optim(1e-4, weight_decay=1e-2, grad_clip=0.0)
     d.batch_size = batch
     return c
+
+
+def compiled(jitted, *args):
+    """(compile seconds, the compiled executable, XLA's FLOP count per call)."""
+    t0 = time.perf_counter()
+    exe = jitted.lower(*args).compile()
+    seconds = time.perf_counter() - t0
+    cost = exe.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return seconds, exe, float(cost.get("flops", 0.0)) if cost else 0.0
 
 
 def median_ms(fn, reps: int) -> float:
@@ -67,6 +79,7 @@ def main():
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--sample_batch", type=int, default=16)
+    p.add_argument("--smoke", action="store_true", help="16 channels, 1 block: checks the script")
     args = p.parse_args()
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} cpus, "
           f"load average {os.getloadavg()[0]:.2f}")
@@ -77,29 +90,30 @@ def main():
              "label": np.arange(b, dtype=np.int32) % 10}
     gbatch = sharding.global_batch(batch, mesh)
 
-    teacher = train.build_model(distill_config("fkl", b))
+    teacher = train.build_model(distill_config("fkl", b, args.smoke))
     n_params = sum(x.size for x in jax.tree.leaves(nnx.state(teacher, nnx.Param)))
-    rows, student_ms = [], {}
+    rows, student_ms, flops = [], {}, {}
     for div in ("fkl", "js", "rkl"):
-        d = distill.Distiller(distill_config(div, b), teacher, mesh)
+        d = distill.Distiller(distill_config(div, b, args.smoke), teacher, mesh)
         n_disc = sum(x.size for x in jax.tree.leaves(d.initial_state["disc"]))
         holder = {"state": d.initial_state}
+        kinds = ("student", "critic") if div == "fkl" else ("student",)
+        for kind in kinds:
+            step = getattr(d, f"{kind}_step")
+            c_s, fn, fl = compiled(step, holder["state"], d.teacher_params, gbatch)
 
-        def run(step_fn, holder=holder, d=d):
-            holder["state"], m = step_fn(holder["state"], d.teacher_params, gbatch)
-            jax.block_until_ready(m)
+            def run(fn=fn, holder=holder, d=d):
+                holder["state"], m = fn(holder["state"], d.teacher_params, gbatch)
+                jax.block_until_ready(m)
 
-        t0 = time.perf_counter()
-        run(d.student_step)
-        compile_s = time.perf_counter() - t0
-        student_ms[div] = median_ms(lambda: run(d.student_step), args.reps)
+            ms = median_ms(run, args.reps)
+            name = f"{kind} iteration" + (f" ({div})" if kind == "student" else "")
+            rows.append((name, c_s, ms, fl))
+            if kind == "student":
+                student_ms[div], flops[div] = ms, fl
+            else:
+                critic_ms, critic_flops = ms, fl
         if div == "fkl":
-            rows.append(("student iteration (fkl)", compile_s, student_ms[div]))
-            t0 = time.perf_counter()
-            run(d.critic_step)
-            compile_c = time.perf_counter() - t0
-            critic_ms = median_ms(lambda: run(d.critic_step), args.reps)
-            rows.append(("critic iteration", compile_c, critic_ms))
             fkl_distiller = d
 
     # The plain DSM step: EDM loss, backward, clip 10, Adam (one teacher training step).
@@ -108,7 +122,6 @@ def main():
     tx = optax.chain(optax.clip_by_global_norm(10.0), optax.adam(1e-4))
     labels = jax.nn.one_hot(batch["label"], 10)
 
-    @jax.jit
     def dsm_step(params, opt_state, key):
         def loss_fn(params):
             per_example, _ = losses.edm_losses(train.merge(graphdef, params, others), process, key,
@@ -119,20 +132,17 @@ def main():
         return optax.apply_updates(params, updates), opt_state, loss
 
     dsm = {"p": params, "o": tx.init(params)}
+    compile_dsm, dsm_exe, dsm_flops = compiled(jax.jit(dsm_step), dsm["p"], dsm["o"], key)
 
     def run_dsm():
-        dsm["p"], dsm["o"], loss = dsm_step(dsm["p"], dsm["o"], key)
+        dsm["p"], dsm["o"], loss = dsm_exe(dsm["p"], dsm["o"], key)
         jax.block_until_ready(loss)
 
-    t0 = time.perf_counter()
-    run_dsm()
-    compile_dsm = time.perf_counter() - t0
     dsm_ms = median_ms(run_dsm, args.reps)
     cycle_ms = (student_ms["fkl"] + 4 * critic_ms) / 5
-    rows.append(("mean over a 1 student + 4 critic cycle", 0.0, cycle_ms))
-    rows.append(("plain DSM step (EDM loss, clip, Adam)", compile_dsm, dsm_ms))
-    rows.append(("student iteration (js)", 0.0, student_ms["js"]))
-    rows.append(("student iteration (rkl = DMD2)", 0.0, student_ms["rkl"]))
+    rows.insert(2, ("mean over a 1 student + 4 critic cycle", 0.0, cycle_ms,
+                    (flops["fkl"] + 4 * critic_flops) / 5))
+    rows.insert(3, ("plain DSM step (EDM loss, clip, Adam)", compile_dsm, dsm_ms, dsm_flops))
 
     # Sampling: one-step student vs the teacher's Heun (18 steps, 35 NFE).
     sb = args.sample_batch
@@ -150,17 +160,23 @@ def main():
                            s_labels)
         return x
 
-    heun_ms = median_ms(lambda: jax.block_until_ready(heun_draw(params, key)), max(1, args.reps // 2))
+    heun_ms = median_ms(lambda: jax.block_until_ready(heun_draw(params, key)),
+                        max(1, args.reps // 2))
 
-    print(f"\nDDPM++ (BENCHMARKS.md setting), {n_params:,} parameters; discriminator "
+    setting = "smoke, NOT the" if args.smoke else "the"
+    print(f"\nDDPM++ ({setting} BENCHMARKS.md setting), {n_params:,} parameters; discriminator "
           f"{n_disc:,}; batch {b}, float32, median of {args.reps}")
-    print(f"{'per iteration':42s} {'compile s':>9s} {'ms':>9s} {'/ DSM':>7s}")
-    for what, c, ms in rows:
+    print(f"{'per iteration':42s} {'compile s':>9s} {'ms':>9s} {'/ DSM':>7s} {'GFLOP':>7s} "
+          f"{'/ DSM':>7s}")
+    for what, c, ms, fl in rows:
         comp = f"{c:9.1f}" if c else "        -"
-        print(f"{what:42s} {comp} {ms:9.1f} {ms / dsm_ms:7.2f}")
-    print(f"JS / FKL student iteration: {student_ms['js'] / student_ms['fkl']:.3f}; "
-          f"JS / RKL: {student_ms['js'] / student_ms['rkl']:.3f}")
-    print(f"\nsampling, batch {sb}: one-step student {one_ms:.1f} ms ({sb / one_ms * 1e3:.1f} img/s); "
+        print(f"{what:42s} {comp} {ms:9.1f} {ms / dsm_ms:7.2f} {fl / 1e9:7.1f} "
+              f"{fl / dsm_flops:7.2f}")
+    print(f"JS / FKL student iteration: time {student_ms['js'] / student_ms['fkl']:.3f}, FLOPs "
+          f"{flops['js'] / flops['fkl']:.4f}; JS / RKL: time "
+          f"{student_ms['js'] / student_ms['rkl']:.3f}, FLOPs {flops['js'] / flops['rkl']:.4f}")
+    print(f"\nsampling, batch {sb}: one-step student {one_ms:.1f} ms "
+          f"({sb / one_ms * 1e3:.1f} img/s); "
           f"teacher Heun {nfe['n']} NFE {heun_ms:.1f} ms ({sb / heun_ms * 1e3:.1f} img/s); "
           f"speed-up {heun_ms / one_ms:.1f}x")
     print(f"load average after: {os.getloadavg()[0]:.2f}")

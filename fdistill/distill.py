@@ -85,7 +85,7 @@ def density_ratio(logits: Array, *, logit_clip: float = 10.0, r_min: float = 0.1
 
 
 def noise_bin(index: Array, index_range: tuple[int, int], num_bins: int) -> Array:
-    """Which of `num_bins` equal-width bins of the grid index range each sample falls in, int32 [B]."""
+    """The equal-width bin (of `num_bins` over the grid index range) of each sample: int32 [B]."""
     lo, hi = index_range
     width = (hi - lo + 1) / num_bins
     return jnp.clip(jnp.floor((index - lo) / width), 0, num_bins - 1).astype(jnp.int32)
@@ -110,7 +110,7 @@ def normalize_ratio(r: Array, bins: Array, ema: Array) -> Array:
 
 
 def f_weights(divergence: divergences_lib.Divergence, r: Array, *, normalize: bool = True) -> Array:
-    """Per-sample weights h(r) = f''(r) r^2 (paper Eq. 7), divided by their batch mean if `normalize`.
+    """Per-sample weights h(r) = f''(r) r^2 (paper Eq. 7), over their batch mean if `normalize`.
 
     The mean is over the global batch: under jit a mean over an array sharded along the batch
     axis is computed across all devices (and hosts) by XLA, exactly like on one device.
@@ -127,8 +127,9 @@ def distribution_matching_loss(x: Array, x0_teacher: Array, x0_fake: Array, weig
     """Per-sample f-distill generator loss, [B] (paper Eq. 9 in DMD's surrogate form).
 
     g = h (x0_fake - x0_teacher) / mean|x - x0_teacher| (per sample; DMD's normalisation, off with
-    `normalize=False`) and loss = 0.5 ||x - sg(x - g)||^2 / dim, so d loss / dx = g / dim: descending
-    it moves x along h (s_p - s_q) sigma^2, the f-divergence's gradient up to positive factors.
+    `normalize=False`) and loss = 0.5 ||x - sg(x - g)||^2 / dim, so d loss / dx = g / dim:
+    descending it moves x along h (s_p - s_q) sigma^2, the f-divergence's gradient up to positive
+    factors.
     """
     axes = tuple(range(1, x.ndim))
     g = (x0_fake - x0_teacher) * _expand(weights, x)
@@ -153,7 +154,7 @@ def discriminator_loss(logits_fake: Array, logits_real: Array) -> Array:
 
 
 def approximate_r1(logits_real: Array, logits_perturbed: Array) -> Array:
-    """Finite-difference R1: (D(x) - D(x + alpha n))^2 ~ alpha^2 ||grad_x D||^2, mean over heads: [B].
+    """Finite-difference R1: (D(x) - D(x + alpha n))^2 ~ alpha^2 ||grad_x D||^2, head mean: [B].
 
     The f-distill implementation's R1 (as in adversarial post-training); it avoids
     differentiating through the feature network.
@@ -402,7 +403,7 @@ GUARDED = ("student/loss", "student/grad_norm", "critic/loss", "critic/grad_norm
 
 
 def _one_hot_labels(batch: dict, num_classes: int) -> dict:
-    """{'x', 'label'} with int labels turned into the one-hot labels the denoisers take (or None)."""
+    """{'x', 'label'} with int labels made the one-hot labels the denoisers take (or None)."""
     labels = jax.nn.one_hot(batch["label"], num_classes) if num_classes else None
     return {"x": batch["x"], "label": labels}
 
@@ -460,7 +461,8 @@ class Distiller:
         self.ema_rate = float(dc.ema_rate)
         jit = lambda fn: jax.jit(
             fn, donate_argnums=0,
-            in_shardings=(self.state_sharding, self.teacher_sharding, sharding.batch_sharding(mesh)),
+            in_shardings=(self.state_sharding, self.teacher_sharding,
+                          sharding.batch_sharding(mesh)),
             out_shardings=(self.state_sharding, sharding.replicated(mesh)))
         self.student_step = jit(self._student_step)
         self.critic_step = jit(self._critic_step)
@@ -607,7 +609,8 @@ def distill(config, workdir: str) -> dict:
         return distiller.step(state, i, sharding.global_batch(ds.batch(i), mesh))
 
     loop = train.LoopConfig(num_steps=dc.num_steps, log_every=dc.log_every,
-                            ckpt_every=dc.ckpt_every, keep_checkpoints=dc.get("keep_checkpoints", 3))
+                            ckpt_every=dc.ckpt_every,
+                            keep_checkpoints=dc.get("keep_checkpoints", 3))
     t0 = time.time()
     state, metrics = train.fit(workdir=workdir, state=distiller.initial_state,
                                state_sharding=distiller.state_sharding, step_fn=step_fn, loop=loop)

@@ -28,7 +28,7 @@ Array = jax.Array
 
 @dataclasses.dataclass(frozen=True)
 class Divergence:
-    """An f-divergence: `f(r)` and its weighting `h(r) = f''(r) r^2`, both elementwise and jax-traceable.
+    """An f-divergence: `f(r)` and its weighting `h(r) = f''(r) r^2`, elementwise, jax-traceable.
 
     `params` records the family parameters (e.g. `(('alpha', 0.5),)`) for display and equality.
     """
@@ -176,8 +176,8 @@ def get(name: str, **params) -> Divergence:
         if alpha in (0.0, 1.0):
             limit = "reverse_kl" if alpha == 0.0 else "forward_kl"
             raise ValueError(
-                f"alpha={alpha} is a singular point of the alpha family (0/0 in f); its limit has the "
-                f"same weighting h as '{limit}': use divergences.get('{limit}').")
+                f"alpha={alpha} is a singular point of the alpha family (0/0 in f); its limit "
+                f"has the same weighting h as '{limit}': use divergences.get('{limit}').")
         return _alpha(alpha)
     if canonical not in _NAMED:
         raise ValueError(f"Unknown divergence {name!r}. Valid {_valid_names()}.")
@@ -214,8 +214,8 @@ def from_f(f: Callable[[Array], Array], name: str = "custom", *, r_grid=None,
     f1 = float(jnp.asarray(f(jnp.float32(1.0))))
     if not np.isfinite(f1) or abs(f1) > tol:
         raise ValueError(
-            f"f(1) must be 0 for an f-divergence (D_f(p||p) = 0), got f(1) = {f1:.6g} for {name!r}; "
-            f"subtract the constant: use f(r) - f(1).")
+            f"f(1) must be 0 for an f-divergence (D_f(p||p) = 0), got f(1) = {f1:.6g} for "
+            f"{name!r}; subtract the constant: use f(r) - f(1).")
     h = h_from_f(f)
     f2 = np.asarray(h(jnp.asarray(r_grid))) / r_grid**2
     bad = ~np.isfinite(f2)
@@ -229,5 +229,6 @@ def from_f(f: Callable[[Array], Array], name: str = "custom", *, r_grid=None,
         i = int(np.argmax(concave))
         raise ValueError(
             f"f of {name!r} is not convex: f''({r_grid[i]:.4g}) = {f2[i]:.4g} < 0 (and at "
-            f"{int(concave.sum())} of {r_grid.size} grid points). An f-divergence needs a convex f.")
+            f"{int(concave.sum())} of {r_grid.size} grid points). An f-divergence needs a "
+            f"convex f.")
     return Divergence(name, f, h)

@@ -174,7 +174,8 @@ runs = {"1": (1, "replicated", 1, "teacher"), "2": (2, "replicated", 1, "teacher
         "1few": (1, "replicated", 2, "fake_score"), "2few": (2, "fsdp", 2, "fake_score")}
 out = {}
 for name, (n, mode, steps, source) in runs.items():
-    c.distill.param_sharding, c.distill.student_steps, c.distill.feature_source = mode, steps, source
+    c.distill.param_sharding, c.distill.student_steps = mode, steps
+    c.distill.feature_source = source
     mesh = Mesh(np.asarray(jax.devices()[:n]), ("data",), axis_types=(AxisType.Auto,))
     d = distill.Distiller(c, teacher, mesh)
     state, hist = d.initial_state, []
@@ -200,7 +201,8 @@ def test_distill_steps_match_on_one_and_two_devices():
         for ma, mb in zip(out[a], out[b]):
             assert ma.keys() == mb.keys()
             for k in ma:
-                np.testing.assert_allclose(ma[k], mb[k], rtol=2e-5, atol=2e-6, err_msg=f"{a}/{b} {k}")
+                np.testing.assert_allclose(ma[k], mb[k], rtol=2e-5, atol=2e-6,
+                                           err_msg=f"{a}/{b} {k}")
     first, last = out["1"][0], out["1"][-1]
     assert first["student/loss"] != 0.0 and last["critic/loss"] != 0.0 and "critic/r1" in last
     assert out["1"][1]["critic/loss"] != out["1"][2]["critic/loss"]

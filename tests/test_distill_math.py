@@ -1,5 +1,6 @@
-"""f-distill maths against closed forms: the gradient of D_f between Gaussians, DMD as reverse-KL,
-the density ratio of a logistic discriminator, the normalisations of r and h, the student sampler."""
+"""f-distill maths against closed forms: the gradient of D_f between Gaussians, DMD as
+reverse-KL, the density ratio of a logistic discriminator, the normalisations of r and h, the
+student sampler."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,7 +27,8 @@ def _gaussian_x0(mean, var):
 
 def _networks(theta0):
     """Exact stand-ins with the contract's call signatures: teacher and fake score are the exact
-    denoisers of p and q_theta0, the discriminator's logit is the exact log p_t/q_t (features = x_t)."""
+    denoisers of p and q_theta0, the discriminator's logit is the exact log p_t/q_t
+    (features = x_t)."""
     m0, s0 = float(theta0[0]), float(jnp.exp(theta0[1]))
     vp, vq = S_P**2 + SIGMA**2, s0**2 + SIGMA**2
     x0_p, x0_q = _gaussian_x0(MU_P, S_P**2), _gaussian_x0(m0, s0**2)
@@ -106,7 +108,7 @@ def test_generator_gradient_is_the_f_divergence_gradient(div):
 
 @pytest.mark.parametrize("name", ["js", "pearson_chi2", "sh"])
 def test_normalised_h_divides_gradient_by_mean_h(name):
-    """With h / mean_batch(h): grad L ~= sigma^2 grad D_f / E_q[h(r)] (a positive rescaling only)."""
+    """With h / mean_batch(h): grad L ~= sigma^2 grad D_f / E_q[h(r)] (a positive rescaling)."""
     div = divergences.get(name)
     mean, se = _mc_grad(_exact_objective(div, normalize_h=True), seed=1)
     d_f, mean_h = _quadrature(div, THETA0)
@@ -134,7 +136,7 @@ def _random_dm_inputs(seed=0, shape=(6, 4, 4, 3)):
 
 def test_reverse_kl_is_the_dmd_update():
     """For reverse-KL, h = 1 whatever the discriminator says (before and after normalisation), and
-    d loss / dx is DMD's (x0_fake - x0_teacher) / mean|x - x0_teacher| (divided by the dimension)."""
+    d loss / dx is DMD's (x0_fake - x0_teacher) / mean|x - x0_teacher| (over the dimension)."""
     x, x0_t, x0_f, logits = _random_dm_inputs()
     r = distill.density_ratio(logits)
     h = distill.f_weights(divergences.get("rkl"), r)
@@ -167,7 +169,7 @@ def test_dm_loss_value_and_unnormalised_gradient():
 
 def test_logistic_discriminator_recovers_log_ratio():
     """A quadratic-logit discriminator trained with `discriminator_loss` on samples of
-    p = N(1, 0.8^2) (real) and q = N(0, 1.2^2) (fake) learns logit = log p/q (which is quadratic)."""
+    p = N(1, 0.8^2) (real) and q = N(0, 1.2^2) (fake) learns logit = log p/q (a quadratic)."""
     kp, kq = jax.random.split(jax.random.key(0))
     real = 1.0 + 0.8 * jax.random.normal(kp, (40000,))
     fake = 1.2 * jax.random.normal(kq, (40000,))
