@@ -82,4 +82,12 @@ def get_default_config() -> ml_collections.ConfigDict:
     c.eval = e = ml_collections.ConfigDict()
     e.num_examples = 256      # likelihood: how many test examples
     e.hutchinson = "rademacher"
+    e.features = "inception"  # inception | classifier (in-domain fd_<dataset>, CPU scale)
+    e.inception_weights = ""  # pt_inception-2015-12-05-6726825d.pth or its converted .npz
+    e.ref_stats = ""          # reference statistics npz (EDM format); --mode=fid_stats makes one
+    e.num_samples = 50_000    # reported protocol; fewer needs monitoring=True (named fid_10k...)
+    e.monitoring = False
+    e.batch_size = 250
+    e.every = 0               # periodic evaluation every N steps during training (0: off)
+    e.periodic_num_samples = 10_000
     return c
