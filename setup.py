@@ -24,7 +24,7 @@ setup(
     name="fdistill",
     version="0.1.0",
     description="One-step diffusion distillation by f-divergence distribution matching (JAX/Flax NNX).",
-    packages=find_packages(include=["fdistill", "fdistill.*"]),
+    packages=find_packages(include=["fdistill", "fdistill.*", "configs"]),
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require={
