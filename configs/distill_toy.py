@@ -5,7 +5,8 @@ Run (a minute or two on 2 CPU cores, after training the teacher):
     python -m fdistill.main --config=configs/distill_toy.py --workdir=runs/toy_fkl \
         --mode=distill --config.distill.teacher_workdir=runs/toy --config.distill.divergence=fkl
 Any divergence: --config.distill.divergence=rkl | js | sh | srkl | jeffreys | neyman | pearson.
-Expected: the one-step student covers all 8 modes (recall 1.0) with 1 network evaluation.
+Expected: the one-step student covers all 8 modes (recall 1.0) with 1 network evaluation; measured
+at 1500 iterations (forward-KL): recall 1.0, precision 0.63, KL(p||q) ~ 1.26 (k-NN estimate).
 """
 from configs import toy
 from configs.distill_base import add_distill, optim
@@ -17,10 +18,10 @@ def get_config():
     d.disc_resolutions = (0,)          # the MLP's hidden state
     d.gan_weight = 1e-2
     d.r1_weight = 0.0
-    d.student_optim = optim(1e-4, weight_decay=0.0)
+    d.student_optim = optim(1e-3, weight_decay=0.0)
     d.fake_score_optim = optim(1e-3, weight_decay=0.0, grad_clip=0.0)
     d.disc_optim = optim(1e-3, weight_decay=0.0, grad_clip=0.0)
-    d.ema_rate = 0.99
+    d.ema_rate = 0.9
     d.batch_size = 512
     d.num_steps = 2000
     d.log_every = 250
