@@ -1,0 +1,229 @@
+"""--mode=fid_stats and --mode=eval end to end: a tiny teacher on tfds mock CIFAR-10 scored with
+random-weight Inception (pipeline only, never a reported number), the in-domain digits path with
+class accuracy, periodic evaluation with the best checkpoint, and bad input."""
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from configs import cifar10_edm_ddpmpp, digits
+from fdistill import checkpoint, data, evaluate, train
+from fdistill.evaluation import classifier, fid, inception
+from tests.test_teacher_e2e import _tiny_unet, mock_cifar10  # noqa: F401 (fixture)
+
+
+def _data_draw(ds, batch_size, *, labels=True, shuffle_labels=False):
+    """draw_batch over the dataset's own images (with their labels): a perfect generator."""
+    rng = np.random.default_rng(0)
+
+    def draw_batch(i):
+        ex = ds.examples(np.arange(i * batch_size, (i + 1) * batch_size) % ds.num_examples)
+        lab = rng.permutation(ex["label"]) if shuffle_labels else ex["label"]
+        return ex["x"], (lab if labels else None)
+    return draw_batch
+
+
+def _results(workdir):
+    with open(os.path.join(workdir, "results.json")) as f:
+        return json.load(f)
+
+
+def _save_untrained_teacher(config, workdir, step=2):
+    """The checkpoint train.train would write, with the initial weights (no training compile)."""
+    graphdef, others, state = train.init_state(train.build_model(config),
+                                               train.make_optimizer(config.optim))
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
+    ckpt.save(step, state)
+    ckpt.close()
+    return state
+
+
+# ---------------------------------------------------------------------------------------------
+# Inception path on mock CIFAR-10.
+
+def test_cifar10_fid_stats_then_eval_with_random_inception(tmp_path, mock_cifar10):  # noqa: F811
+    weights = str(tmp_path / "random_inception.npz")
+    np.savez(weights, **inception.random_state_dict(0))
+    config = _tiny_unet(cifar10_edm_ddpmpp.get_config(), mock_cifar10)
+    config.eval.update(features="inception", inception_weights=weights, num_samples=4,
+                       monitoring=True, batch_size=4)
+    workdir = str(tmp_path / "run")
+    _save_untrained_teacher(config, workdir)
+
+    stats = evaluate.fid_stats(config, workdir)["fid_stats/protocol"]
+    ref_path = os.path.join(workdir, "ref_stats.npz")
+    sha = inception.file_sha256(weights)
+    assert stats["path"] == ref_path and stats["num_samples"] == 4  # the first 4 of 8
+    assert stats["inception_weights_sha256"] == sha and stats["features"] == "inception"
+    ref = fid.load_stats(ref_path)
+    assert ref["mu"].shape == (2048,) and ref["features"].shape == (4, 2048)
+    assert _results(workdir)["fid_stats/protocol"]["dataset_num_examples"] == 8
+
+    # The dataset against its own statistics: FID ~0 (up to pytorch-fid's eps regularisation of
+    # the rank-3 covariances) and perfect precision / recall.
+    net = evaluate.feature_network(config, workdir)
+    ds = data.get_dataset(config.data, global_batch_size=1)
+    own = evaluate.score(config, net, ref_path, _data_draw(ds, 4, labels=False), 4,
+                         monitoring=True, progress=False)
+    assert abs(own["fid_4"]) < 0.05, own
+    assert own["precision_4"] == 1.0 and own["recall_4"] == 1.0
+
+    out = evaluate.evaluate(config, workdir)
+    assert set(out) == {"eval/fid_4", "eval/is_4", "eval/is_4_std", "eval/precision_4",
+                        "eval/recall_4", "eval/protocol"}
+    # Samples of a 2-step network are noise, far from the data in any features.
+    assert out["eval/fid_4"] > 100 * max(abs(own["fid_4"]), 1e-3), (out, own)
+    assert 1.0 <= out["eval/is_4"] <= 8.0
+    p = _results(workdir)["eval/protocol"]
+    assert p["num_samples"] == 4 and p["monitoring"] is True
+    assert p["reference_stats"] == ref_path
+    assert p["reference_stats_sha256"] == inception.file_sha256(ref_path)
+    assert p["inception_weights"] == os.path.abspath(weights)
+    assert p["inception_weights_sha256"] == sha
+    assert (p["model"], p["sampler"], p["sampler_steps"], p["nfe"]) == ("teacher", "heun", 2, 3)
+    assert p["checkpoint_step"] == 2 and p["features"] == "inception"
+
+    # The reported protocol refuses 4 samples before anything is drawn.
+    config.eval.monitoring = False
+    with pytest.raises(ValueError, match="50,000"):
+        evaluate.evaluate(config, workdir)
+
+
+# ---------------------------------------------------------------------------------------------
+# In-domain path on digits.
+
+def _digits_config():
+    c = digits.get_config()
+    c.model.update(model_channels=16, channel_mult=(1,), num_blocks=1, attn_resolutions=())
+    c.training.update(batch_size=16, num_steps=2, log_every=1, ckpt_every=1000)
+    c.optim.warmup = 0
+    c.sampling.update(num_steps=2, batch_size=20)
+    c.eval.update(features="classifier", num_samples=90, monitoring=True, batch_size=40,
+                  periodic_num_samples=40)
+    return c
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    """A 2-step digits teacher, a quickly trained cached classifier, and fd reference stats."""
+    workdir = str(tmp_path_factory.mktemp("digits"))
+    config = _digits_config()
+    out = train.train(config, workdir)
+    classifier.get_classifier("digits", workdir, image_size=8, steps=150, verbose=False)
+    stats = evaluate.fid_stats(config, workdir)["fid_stats/protocol"]
+    return config, workdir, stats, out["state"]
+
+
+def test_digits_in_domain_stats_and_eval(digits_run):
+    config, workdir, stats, _ = digits_run
+    clf_path = classifier.cache_path(workdir, "digits", (8, 8, 1))
+    # num_samples=90 < 1,797 images: the first 90; the cached classifier was reused
+    assert stats["num_samples"] == 90 and stats["dataset_num_examples"] == 1797
+    assert stats["features"] == "classifier"
+    assert stats["inception_weights_sha256"] == inception.file_sha256(clf_path)
+    assert stats["classifier_test_accuracy"] > 0.8
+    ref = fid.load_stats(os.path.join(workdir, "ref_stats.npz"))
+    assert ref["mu"].shape == (classifier.NUM_FEATURES,)
+
+    # Real digits with their labels: fd ~0 against their own statistics; accuracy equals the
+    # classifier's on the same (uint8-quantised) images; shuffled labels drop it to ~chance.
+    net = evaluate.feature_network(config, workdir)
+    ds = data.get_dataset(config.data, global_batch_size=1)
+    real = evaluate.score(config, net, os.path.join(workdir, "ref_stats.npz"),
+                          _data_draw(ds, 40), 90, monitoring=True, progress=False)
+    ex = ds.examples(np.arange(90))
+    x = inception.to_uint8(ex["x"]).astype(np.float32) / 127.5 - 1.0
+    expected = float((net.clf.predict(x) == ex["label"]).mean())
+    assert real["accuracy_digits_90"] == pytest.approx(expected) and expected > 0.7
+    assert abs(real["fd_digits_90"]) < 1e-3 and real["recall_digits_90"] == 1.0
+    shuffled = evaluate.score(config, net, os.path.join(workdir, "ref_stats.npz"),
+                              _data_draw(ds, 40, shuffle_labels=True), 90, monitoring=True,
+                              progress=False)
+    assert shuffled["accuracy_digits_90"] < 0.4
+
+    out = evaluate.evaluate(config, workdir)
+    assert set(out) == {"eval/fd_digits_90", "eval/precision_digits_90", "eval/recall_digits_90",
+                        "eval/accuracy_digits_90", "eval/protocol"}  # no FID, no IS
+    assert out["eval/fd_digits_90"] > 100 * max(abs(real["fd_digits_90"]), 1e-3)
+    p = _results(workdir)["eval/protocol"]
+    assert p["features"] == "classifier" and p["inception_weights"] == clf_path
+    assert (p["model"], p["nfe"], p["num_samples"]) == ("teacher", 3, 90)
+    assert "is_splits" not in p and p["classifier_test_accuracy"] == stats[
+        "classifier_test_accuracy"]
+
+
+def test_periodic_eval_and_best_checkpoint(digits_run, tmp_path):
+    config, workdir, _, state = digits_run
+    model, _ = train.load_model(config, workdir)
+    evaluator = evaluate.periodic_eval(config, workdir)
+    assert evaluator.metric == "eval/fd_digits_40"
+    first = evaluator(2, model)
+    assert set(first) == {"eval/fd_digits_40", "eval/precision_digits_40",
+                          "eval/recall_digits_40", "eval/accuracy_digits_40"}
+    assert evaluator(4, model) == first  # same noise, same weights: same numbers
+    worse = train.build_model(config, seed=5)  # other weights: another value
+    assert evaluator(4, worse)["eval/fd_digits_40"] != first["eval/fd_digits_40"]
+
+    run = str(tmp_path)
+    best = evaluate.BestCheckpoint(run, evaluator.metric)
+    assert best.lower
+    value = first["eval/fd_digits_40"]
+    assert best.update(2, first, state)
+    assert not best.update(4, {evaluator.metric: value + 1.0}, state)
+    assert not best.update(5, {evaluator.metric: float("nan")}, state)
+    assert best.update(6, {evaluator.metric: value - 1.0}, state)
+    assert checkpoint.Checkpointer(os.path.join(run, "best")).all_steps() == [6]
+    again = evaluate.BestCheckpoint(run, evaluator.metric)  # a resumed run reads the record
+    assert again.best == {"metric": evaluator.metric, "value": value - 1.0, "step": 6}
+    assert not again.update(8, {evaluator.metric: value}, state)
+    step, restored = checkpoint.Checkpointer(os.path.join(run, "best")).restore_latest(state)
+    assert step == 6
+    jax.tree.map(np.testing.assert_array_equal, restored["ema"], state["ema"])
+    assert not evaluate.BestCheckpoint(run, "eval/is_10k").lower
+    with pytest.raises(KeyError, match="fd_digits_40"):
+        best.update(9, {"eval/fid_10k": 1.0}, state)
+
+    # The hook for train.fit(on_log=...): only at multiples of eval.every.
+    assert evaluate.training_hook(config, workdir, lambda s: model) is None  # every = 0
+    config = config.copy_and_resolve_references()
+    config.eval.every = 2
+    hook = evaluate.training_hook(config, workdir, lambda s: model)
+    assert hook(1, state) == {}
+    assert hook(2, state) == first
+    with open(os.path.join(workdir, "best.json")) as f:
+        assert json.load(f) == {"metric": evaluator.metric, "value": value, "step": 2}
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input.
+
+def test_bad_input_names_the_problem_and_the_fix(tmp_path):
+    config = _digits_config()
+    workdir = str(tmp_path)
+    config.eval.features = "fid"
+    with pytest.raises(ValueError, match="inception, classifier"):
+        evaluate.fid_stats(config, workdir)
+    cifar = cifar10_edm_ddpmpp.get_config()
+    cifar.eval.features = "classifier"
+    with pytest.raises(ValueError, match="features='inception'"):
+        evaluate.fid_stats(cifar, workdir)
+    cifar.eval.features = "inception"
+    with pytest.raises(FileNotFoundError, match="inception_weights is empty.*pytorch-fid"):
+        evaluate.fid_stats(cifar, workdir)
+    cifar.eval.inception_weights = str(tmp_path / "pt_inception.pth")
+    with pytest.raises(FileNotFoundError, match="pt_inception.pth.*convert_inception"):
+        evaluate.fid_stats(cifar, workdir)
+
+    # eval checks the protocol, then the reference file, before any checkpoint or model
+    config.eval.features = "classifier"
+    config.eval.monitoring = False
+    with pytest.raises(ValueError, match="50,000"):
+        evaluate.evaluate(config, workdir)
+    config.eval.monitoring = True
+    with pytest.raises(FileNotFoundError, match="ref_stats.npz.*--mode=fid_stats"):
+        evaluate.evaluate(config, workdir)
+    with pytest.raises(FileNotFoundError, match="ref_stats.npz.*--mode=fid_stats"):
+        evaluate.periodic_eval(config, workdir)
+    assert not os.path.exists(os.path.join(workdir, "checkpoints"))
