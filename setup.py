@@ -28,7 +28,7 @@ setup(
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        "test": ["pytest==9.2.0", "nbclient==0.11.0", "nbformat==5.11.1", "ipykernel==7.4.0",
+        "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "nbclient==0.11.0", "nbformat==5.11.1", "ipykernel==7.4.0",
                  "matplotlib==3.11.2"],
         "notebooks": ["matplotlib==3.11.2", "nbclient==0.11.0",
                       "nbformat==5.11.1", "ipykernel==7.4.0"],

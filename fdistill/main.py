@@ -42,6 +42,9 @@ def run(config, workdir: str, mode: str) -> dict:
     module, fn = MODES[mode]
     if mode == "train" and config.data.name == "video":
         module, fn = "fdistill.video.distill", "train_video_teacher"
+    if mode == "sample" and config.data.name == "video":
+        raise ValueError("--mode=sample does not cover video configs yet: sample video students "
+                         "with experiments/video_hiar.py or notebooks/video_hiar.ipynb")
     if mode == "sample" and "distill" in config:
         module, fn = "fdistill.distill", "sample"  # a student: one network evaluation per sample
     return getattr(importlib.import_module(module), fn)(config, workdir)
