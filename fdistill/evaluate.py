@@ -400,7 +400,8 @@ class BestCheckpoint:
         return True
 
 
-def training_hook(config, workdir: str, to_model: Callable) -> Callable[[int, dict], dict] | None:
+def training_hook(config, workdir: str, to_model: Callable, *, log_every: int = 1
+                  ) -> Callable[[int, dict], dict] | None:
     """``hook(step, state) -> metrics`` for ``train.fit(on_log=...)``: at steps that are
     multiples of ``config.eval.every``, the periodic metrics of ``to_model(state)`` (e.g. the EMA
     teacher), keeping the best state in ``<workdir>/best``; ``{}`` at other steps. None when
@@ -409,6 +410,9 @@ def training_hook(config, workdir: str, to_model: Callable) -> Callable[[int, di
     every = int(config.eval.every)
     if every <= 0:
         return None
+    if every % int(log_every):
+        raise ValueError(f"config.eval.every={every} must be a multiple of the log interval "
+                         f"{log_every} (evaluation runs at log steps)")
     evaluator = periodic_eval(config, workdir)
     best = BestCheckpoint(workdir, evaluator.metric)
 

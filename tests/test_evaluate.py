@@ -247,4 +247,7 @@ def test_bad_input_names_the_problem_and_the_fix(tmp_path):
         evaluate.evaluate(config, workdir)
     with pytest.raises(FileNotFoundError, match="ref_stats.npz.*--mode=fid_stats"):
         evaluate.periodic_eval(config, workdir)
+    config.eval.every = 300
+    with pytest.raises(ValueError, match="every=300 must be a multiple of the log interval 200"):
+        evaluate.training_hook(config, workdir, lambda s: None, log_every=200)
     assert not os.path.exists(os.path.join(workdir, "checkpoints"))
