@@ -21,6 +21,8 @@ MODES = {
     "likelihood": ("fdistill.generate", "likelihood"),
     "quickstart": ("fdistill.quickstart", "run"),
     "distill": ("fdistill.distill", "distill"),
+    "fid_stats": ("fdistill.evaluate", "fid_stats"),
+    "eval": ("fdistill.evaluate", "evaluate"),
 }
 
 config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.",

@@ -235,9 +235,12 @@ def train(config, workdir: str) -> dict:
     def step_fn(state, i):
         return step(state, sharding.global_batch(ds.batch(i), mesh))
 
+    from fdistill import evaluate
+    on_log = evaluate.training_hook(config, workdir, lambda s: merge(graphdef, s["ema"], others),
+                                    log_every=config.training.log_every)
     t0, history = time.time(), []
     state, metrics = fit(workdir=workdir, state=state, state_sharding=shardings, step_fn=step_fn,
-                         loop=_loop_config(config.training), history=history)
+                         loop=_loop_config(config.training), history=history, on_log=on_log)
     results = {"mode": "train", "steps": int(sharding.to_host(state["step"])),
                "train_seconds": time.time() - t0, **{f"final/{k}": v for k, v in metrics.items()}}
     monitor.write_results(workdir, results)
