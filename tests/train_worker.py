@@ -26,7 +26,9 @@ import jax  # noqa: E402
 
 if args.num_processes > 1:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(f"127.0.0.1:{args.port}", args.num_processes, args.process_id)
+    # Generous timeouts: on a loaded 2-core machine a starved process misses the default heartbeats.
+    jax.distributed.initialize(f"127.0.0.1:{args.port}", args.num_processes, args.process_id,
+                               heartbeat_timeout_seconds=900, shutdown_timeout_seconds=900)
 
 import numpy as np  # noqa: E402
 
@@ -36,6 +38,9 @@ from tests.tiny import tiny_toy_config  # noqa: E402
 config = tiny_toy_config(num_steps=args.steps, param_sharding=args.param_sharding)
 out = train.train(config, args.workdir)
 ema = sharding.to_host(out["state"]["ema"])
+if args.num_processes > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("train_worker done")
 print("RESULT " + json.dumps({
     "devices": jax.device_count(), "processes": jax.process_count(),
     "losses": [m["train/loss"] for _, m in out["history"]],
