@@ -26,3 +26,19 @@ def get_config():
     c.sampling.num_samples = 64
     c.sampling.batch_size = 64
     return c
+
+
+def score_sde_recipe(c):
+    """Score-SDE's shared CIFAR-10 recipe (continuous-time DSM, batch 128, lr 2e-4 with 5k
+    warm-up, gradient clip 1, dropout 0.1, 1.3M steps, PC sampling at N = 1000, snr 0.16)."""
+    c.model.dropout = 0.1
+    c.training.loss = "dsm"
+    c.training.batch_size = 128
+    c.training.num_steps = 1_300_000
+    c.optim.lr = 2e-4
+    c.optim.warmup = 5000
+    c.optim.grad_clip = 1.0
+    c.sampling.sampler = "pc"
+    c.sampling.num_steps = 1000
+    c.sampling.snr = 0.16
+    return c

@@ -7,31 +7,21 @@ diffusion + Langevin, snr 0.16, N = 1000). NCSN++ here is EDM's SongUNet form of
         --config.data.data_dir=$DATA
 Expected (Score-SDE Table 3): FID ~2.38 with PC sampling.
 """
-from configs.cifar10 import get_config as base
+from configs.cifar10 import get_config as base, score_sde_recipe
 
 
 def get_config():
-    c = base()
+    c = score_sde_recipe(base())
     c.process.name = "vesde"
     c.process.sigma_min = 0.01
     c.process.sigma_max = 50.0
     c.process.N = 1000
     c.model.name = "ncsnpp"
     c.model.precond = "ve"
-    c.model.dropout = 0.1
     c.model.embedding_type = "fourier"
     c.model.channel_mult_noise = 2
     c.model.encoder_type = "residual"
     c.model.decoder_type = "standard"
     c.model.resample_filter = (1, 3, 3, 1)
-    c.training.loss = "dsm"
-    c.training.batch_size = 128
-    c.training.num_steps = 1_300_000
     c.training.ema_rate = 0.999
-    c.optim.lr = 2e-4
-    c.optim.warmup = 5000
-    c.optim.grad_clip = 1.0
-    c.sampling.sampler = "pc"
-    c.sampling.num_steps = 1000
-    c.sampling.snr = 0.16
     return c

@@ -7,28 +7,18 @@ snr 0.16) at N = 1000. Run:
         --config.data.data_dir=$DATA
 Expected (Score-SDE Table 3): FID ~2.41 with PC sampling; bits/dim ~3.1 via --mode=likelihood.
 """
-from configs.cifar10 import get_config as base
+from configs.cifar10 import get_config as base, score_sde_recipe
 
 
 def get_config():
-    c = base()
+    c = score_sde_recipe(base())
     c.process.name = "vpsde"
     c.process.beta_min = 0.1
     c.process.beta_max = 20.0
     c.process.N = 1000
     c.model.name = "ddpmpp"
     c.model.precond = "vp"
-    c.model.dropout = 0.1
     c.model.embedding_type = "positional"
     c.model.resample_filter = (1, 1)
-    c.training.loss = "dsm"
-    c.training.batch_size = 128
-    c.training.num_steps = 1_300_000
     c.training.ema_rate = 0.9999
-    c.optim.lr = 2e-4
-    c.optim.warmup = 5000
-    c.optim.grad_clip = 1.0
-    c.sampling.sampler = "pc"
-    c.sampling.num_steps = 1000
-    c.sampling.snr = 0.16
     return c
