@@ -18,9 +18,9 @@ def get_config():
     c.model.hidden = 256
     c.model.depth = 4
     c.training.batch_size = 512
-    c.training.num_steps = 3000
+    c.training.num_steps = 2000
     c.training.log_every = 500
-    c.training.ckpt_every = 3000
+    c.training.ckpt_every = 2000
     c.training.ema_rate = 0.995
     c.optim.lr = 2e-3
     c.sampling.num_samples = 4096
