@@ -45,3 +45,9 @@ print("RESULT " + json.dumps({
     "devices": jax.device_count(), "processes": jax.process_count(),
     "losses": [m["train/loss"] for _, m in out["history"]],
     "ema": [np.asarray(x).ravel().tolist() for x in jax.tree.leaves(ema)]}))
+if args.num_processes > 1:
+    # Both processes are past the final barrier and the result is printed. Skip JAX's
+    # coordination-service disconnect at interpreter exit: its RPC deadline is short, and on a
+    # loaded 2-core machine a starved process misses it and aborts after the work is done.
+    sys.stdout.flush()
+    os._exit(0)
