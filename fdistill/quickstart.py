@@ -18,9 +18,6 @@ from fdistill import data, distill, generate, monitor, train
 
 SAMPLERS = (("heun", 18), ("euler_maruyama", 100))
 STUDENTS = ("rkl", "fkl", "js")
-# The quickstart's students are smaller runs than configs/distill_toy.py so that the whole command
-# fits in a few minutes on 2 CPU cores.
-QUICK_BATCH, QUICK_ITERATIONS = 256, 1500
 
 
 def _table(rows: list[dict]) -> str:
@@ -39,9 +36,6 @@ def student_config(config, teacher_dir: str, divergence: str) -> ml_collections.
     c.distill = distill_toy.get_config().distill
     c.distill.teacher_workdir = teacher_dir
     c.distill.divergence = divergence
-    c.distill.batch_size = QUICK_BATCH
-    c.distill.num_steps = QUICK_ITERATIONS
-    c.distill.ckpt_every = QUICK_ITERATIONS
     return c
 
 
