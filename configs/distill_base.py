@@ -54,6 +54,8 @@ def add_distill(c, *, teacher_workdir: str = "", divergence: str = "fkl"):
     d.log_every = 500
     d.ckpt_every = 5000
     d.keep_checkpoints = 3
+    d.eval_every = 0                   # periodic evaluation of the EMA student (config.eval's
+                                       # metric and periodic_num_samples; best kept in <workdir>/best)
     d.param_sharding = "replicated"
     d.num_eval_samples = 1024
     d.eval_batch_size = 256

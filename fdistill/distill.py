@@ -611,9 +611,12 @@ def distill(config, workdir: str) -> dict:
     loop = train.LoopConfig(num_steps=dc.num_steps, log_every=dc.log_every,
                             ckpt_every=dc.ckpt_every,
                             keep_checkpoints=dc.get("keep_checkpoints", 3))
+    from fdistill import evaluate
+    on_log = evaluate.student_hook(config, workdir, distiller, log_every=dc.log_every)
     t0 = time.time()
     state, metrics = train.fit(workdir=workdir, state=distiller.initial_state,
-                               state_sharding=distiller.state_sharding, step_fn=step_fn, loop=loop)
+                               state_sharding=distiller.state_sharding, step_fn=step_fn, loop=loop,
+                               on_log=on_log)
     seconds = time.time() - t0
     n = dc.num_eval_samples
     x = draw_student_samples(distiller, state["student_ema"], n, jax.random.key(config.seed + 1),

@@ -400,18 +400,17 @@ class BestCheckpoint:
         return True
 
 
-def training_hook(config, workdir: str, to_model: Callable, *, log_every: int = 1
-                  ) -> Callable[[int, dict], dict] | None:
+def periodic_hook(config, workdir: str, score_state: Callable[[PeriodicEval, dict], dict], *,
+                  every: int, log_every: int = 1) -> Callable[[int, dict], dict] | None:
     """``hook(step, state) -> metrics`` for ``train.fit(on_log=...)``: at steps that are
-    multiples of ``config.eval.every``, the periodic metrics of ``to_model(state)`` (e.g. the EMA
-    teacher), keeping the best state in ``<workdir>/best``; ``{}`` at other steps. None when
-    ``config.eval.every`` is 0. fit calls on_log at log steps only, so ``every`` must be a
-    multiple of the loop's ``log_every``."""
-    every = int(config.eval.every)
+    multiples of ``every``, ``score_state(evaluator, state)``, keeping the best state in
+    ``<workdir>/best``; ``{}`` at other steps. None when ``every`` is 0. fit calls on_log at log
+    steps only, so ``every`` must be a multiple of the loop's ``log_every``."""
+    every = int(every)
     if every <= 0:
         return None
     if every % int(log_every):
-        raise ValueError(f"config.eval.every={every} must be a multiple of the log interval "
+        raise ValueError(f"evaluation every={every} steps must be a multiple of the log interval "
                          f"{log_every} (evaluation runs at log steps)")
     evaluator = periodic_eval(config, workdir)
     best = BestCheckpoint(workdir, evaluator.metric)
@@ -419,8 +418,37 @@ def training_hook(config, workdir: str, to_model: Callable, *, log_every: int = 
     def hook(step: int, state) -> dict:
         if step % every:
             return {}
-        metrics = evaluator(step, to_model(state))
+        metrics = score_state(evaluator, state)
         best.update(step, metrics, state)
         return metrics
 
     return hook
+
+
+def training_hook(config, workdir: str, to_model: Callable, *, log_every: int = 1
+                  ) -> Callable[[int, dict], dict] | None:
+    """The teacher loop's ``periodic_hook``: every ``config.eval.every`` steps, the metrics of
+    ``to_model(state)`` (the EMA teacher) with ``config.sampling``'s sampler."""
+    return periodic_hook(config, workdir, lambda ev, state: ev(0, to_model(state)),
+                         every=config.eval.every, log_every=log_every)
+
+
+def student_hook(config, workdir: str, distiller, *, log_every: int = 1
+                 ) -> Callable[[int, dict], dict] | None:
+    """The distill loop's ``periodic_hook``: every ``config.distill.eval_every`` iterations, the
+    metrics of the EMA student (its one- or few-step sampler, compiled once)."""
+    every = int(config.distill.get("eval_every", 0))
+    if every <= 0:
+        return None
+    k = int(config.data.num_classes)
+    bs = min(int(config.eval.batch_size), int(config.eval.periodic_num_samples))
+    draw = distiller.sample_fn(bs)
+
+    def score_state(evaluator: PeriodicEval, state) -> dict:
+        def draw_batch(i):
+            labels = _labels(k, bs)
+            key = jax.random.fold_in(evaluator.key, i)
+            return draw(state["student_ema"], key, _one_hot(labels, k)), labels
+        return evaluator.score_draw(draw_batch)
+
+    return periodic_hook(config, workdir, score_state, every=every, log_every=log_every)

@@ -8,8 +8,8 @@ import jax
 import numpy as np
 import pytest
 
-from configs import cifar10_edm_ddpmpp, digits
-from fdistill import checkpoint, data, evaluate, train
+from configs import cifar10_edm_ddpmpp, digits, distill_digits
+from fdistill import checkpoint, data, distill, evaluate, train
 from fdistill.evaluation import classifier, fid, inception
 from tests.test_teacher_e2e import _tiny_unet, mock_cifar10  # noqa: F401 (fixture)
 
@@ -217,6 +217,37 @@ def test_periodic_eval_and_best_checkpoint(digits_run, tmp_path):
         assert json.load(f) == {"metric": evaluator.metric, "value": value, "step": 2}
 
 
+def test_student_periodic_eval_keeps_the_best_state(digits_run, tmp_path):
+    """The distill loop scores its EMA student every distill.eval_every iterations with the
+    one-step sampler and keeps the best state; the value is the student's, not the teacher's."""
+    config, teacher_dir, _, _ = digits_run
+    c = distill_digits.get_config()
+    c.model, c.sampling, c.eval, c.optim = config.model, config.sampling, config.eval, config.optim
+    c.eval.ref_stats = os.path.join(teacher_dir, "ref_stats.npz")
+    c.distill.update(teacher_workdir=teacher_dir, batch_size=8, num_steps=2, log_every=1,
+                     ckpt_every=1000, eval_every=2, num_eval_samples=8, eval_batch_size=8,
+                     student_update_every=2, disc_resolutions=(8,))
+    run = str(tmp_path)
+    out = distill.distill(c, run)
+    metric = "eval/fd_digits_40"
+    with open(os.path.join(run, "best.json")) as f:
+        record = json.load(f)
+    assert record["metric"] == metric and record["step"] == 2
+    assert out[f"final/{metric}"] == pytest.approx(record["value"])
+
+    distiller, state = distill.load_student(c, run)
+    best_step, best = checkpoint.Checkpointer(os.path.join(run, "best")).restore_latest(state)
+    assert best_step == 2
+    evaluator = evaluate.periodic_eval(c, run)
+    draw = distiller.sample_fn(40)
+    onehot = jax.nn.one_hot(np.arange(40) % 10, 10)
+    student = evaluator.score_draw(lambda i: (draw(best["student_ema"], jax.random.fold_in(
+        evaluator.key, i), onehot), np.arange(40) % 10))
+    assert student[metric] == pytest.approx(record["value"], rel=1e-4)
+    teacher = evaluator(0, train.load_model(config, teacher_dir)[0])
+    assert teacher[metric] != pytest.approx(record["value"], rel=1e-2)
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad input.
 
@@ -248,6 +279,6 @@ def test_bad_input_names_the_problem_and_the_fix(tmp_path):
     with pytest.raises(FileNotFoundError, match="ref_stats.npz.*--mode=fid_stats"):
         evaluate.periodic_eval(config, workdir)
     config.eval.every = 300
-    with pytest.raises(ValueError, match="every=300 must be a multiple of the log interval 200"):
+    with pytest.raises(ValueError, match="every=300 steps must be a multiple of the log interval 200"):
         evaluate.training_hook(config, workdir, lambda s: None, log_every=200)
     assert not os.path.exists(os.path.join(workdir, "checkpoints"))
