@@ -1,11 +1,11 @@
 """8x8 digits: teacher -> one-step students by reverse-KL (DMD2), forward-KL and Jensen-Shannon.
 
 Trains the class-conditional DDPM++ teacher of configs/digits.py (or reuses it), samples it with
-Heun (35 NFE), distils one student per divergence with configs/distill_digits.py and scores every
+Heun at 35, 17, 9 and 5 network evaluations and with Euler-Maruyama (100), distils one student per divergence with configs/distill_digits.py and scores every
 model with the project's in-domain metrics (fdistill.evaluation.classifier): the Frechet distance
 in the features of a small digits classifier trained by the project (fd_digits; NOT FID, not
 comparable with published numbers) and the classifier's accuracy on the class-conditional samples.
-Prints a table and writes <workdir>/digits_fdistill.json and one PNG grid per model.
+A second draw of real digits gives the floor of each metric. Prints a table and writes <workdir>/digits_fdistill.json and one PNG grid per model.
 
     PYTHONPATH=. python experiments/digits_fdistill.py --workdir=runs/digits_fdistill
     PYTHONPATH=. python experiments/digits_fdistill.py --teacher_steps=1000 --distill_steps=500 \
@@ -23,6 +23,8 @@ import numpy as np
 from configs import digits, distill_digits
 from fdistill import data, distill, generate, train
 from fdistill.evaluation import classifier
+
+TEACHER_SAMPLERS = (("heun", 18), ("heun", 9), ("heun", 5), ("heun", 3), ("euler_maruyama", 100))
 
 
 def score(clf, x, labels, real) -> dict:
@@ -51,11 +53,17 @@ def main():
     real = data.get_dataset(tc.data, global_batch_size=n, seed=123).batch(0)["x"]
     labels = np.arange(n) % 10
 
+    other = data.get_dataset(tc.data, global_batch_size=n, seed=456).batch(0)
+    rows = [{"model": "real digits (another draw)", "nfe": 0,
+             **score(clf, other["x"], np.asarray(other["label"]), real)}]
     model, _ = train.load_model(tc, teacher_dir)
-    sample_batch, nfe = generate.make_sample_fn(tc, model)
-    x = generate.draw_samples(sample_batch, tc, n, jax.random.key(1))
-    generate.save_samples(tc, args.workdir, x, "teacher_heun")
-    rows = [{"model": "teacher (Heun)", "nfe": nfe, **score(clf, x, labels, real)}]
+    for sampler, steps in TEACHER_SAMPLERS:
+        sample_batch, nfe = generate.make_sample_fn(tc, model, sampler_name=sampler,
+                                                    num_steps=steps)
+        x = generate.draw_samples(sample_batch, tc, n, jax.random.key(1))
+        generate.save_samples(tc, args.workdir, x, f"teacher_{sampler}_{nfe}")
+        rows.append({"model": f"teacher ({sampler}, {steps} steps)", "nfe": nfe,
+                     **score(clf, x, labels, real)})
     for name in args.divergences.split(","):
         c = distill_digits.get_config()
         c.training.num_steps = args.teacher_steps

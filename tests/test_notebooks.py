@@ -2,6 +2,7 @@
 import os
 
 import nbformat
+import numpy as np
 import pytest
 from nbclient import NotebookClient
 
@@ -38,3 +39,24 @@ def test_divergence_weightings_notebook(monkeypatch):
     assert len(rows) == 3
     for row in rows:
         assert float(row[2]) >= 0.75, row          # mode recall of each student
+
+
+def test_video_hiar_notebook(monkeypatch, tmp_path):
+    """The video notebook in its smoke setting: teacher, the block-first and HiAR students
+    distilled and rolled out to 4x the training length, the motion/drift table, one GIF each."""
+    monkeypatch.setenv("FDISTILL_NOTEBOOK_QUICK", "1")
+    monkeypatch.setenv("FDISTILL_NOTEBOOK_WORKDIR", str(tmp_path))
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    nb = _execute("video_hiar.ipynb")
+    text = _text(nb)
+    from experiments.video_hiar import VARIANTS
+    shown = [list(VARIANTS)[0], list(VARIANTS)[2]]
+    table = {l[:42].strip(): l[42:].split() for l in text.splitlines()
+             if l[:42].strip() in VARIANTS}
+    assert sorted(table) == sorted(shown), text
+    for name, cells in table.items():
+        values = [float(v) for v in cells]
+        assert len(values) == 6 and all(np.isfinite(values)), (name, cells)
+        assert 0.0 <= values[2] <= 1.0, (name, cells)            # dynamic degree is a fraction
+    gifs = [f for f in os.listdir(tmp_path) if f.startswith("notebook_") and f.endswith(".gif")]
+    assert len(gifs) == len(shown), gifs
