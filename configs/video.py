@@ -61,6 +61,7 @@ def get_config() -> ml_collections.ConfigDict:
     s.window = 8                            # KV-cache window in frames (current block included)
 
     c.distill = t = ml_collections.ConfigDict()
+    t.teacher_workdir = "runs/video"        # --mode=distill: the trained teacher's workdir
     t.divergence = "reverse_kl"             # any fdistill.divergences name
     t.order = "hierarchical"                # hierarchical | block_first (self-rollout order)
     t.critic_ratio = 5                      # critic updated 5x as often as the student

@@ -59,24 +59,6 @@ def load_config(quick: bool):
     return get_config()
 
 
-def evaluate_student(student, config, key, order: str, data_speed: float) -> tuple[dict, np.ndarray]:
-    """Motion at the training length and drift over a rollout ``rollout_factor`` times longer."""
-    s = config.student
-    sigmas = VD.student_sigmas_of(config, student.process)
-    shape = (config.eval.num_clips, config.data.num_frames, config.data.size, config.data.size,
-             config.data.get("channels", 1))
-    k_short, k_long = jax.random.split(key)
-    short = np.asarray(hiar.sample(student, hiar.draw_noise(k_short, s.num_steps, shape), sigmas,
-                                   block_size=s.block_size, window=s.window, order=order))
-    long_shape = (shape[0], shape[1] * config.eval.rollout_factor, *shape[2:])
-    long = np.asarray(hiar.sample(student, hiar.draw_noise(k_long, s.num_steps, long_shape),
-                                  sigmas, block_size=s.block_size, window=s.window, order=order))
-    row = metrics.motion_stats(short, square=config.data.square)
-    row["speed_ratio"] = row["speed"] / data_speed
-    row["drift"] = metrics.drift(long, config.data.num_frames, square=config.data.square)["slope"]
-    return row, long
-
-
 def summarise(values: list[float]) -> str:
     values = [v for v in values if v is not None]
     if not values:
@@ -187,7 +169,7 @@ def main(argv=None):
                                     batch_size=cfg.distill.batch_size,
                                     lr=cfg.distill.student_optim.lr * 10, seed=seed)
         print(f"seed {seed}: teacher pairs + ODE init in {time.time() - t0:.0f}s", flush=True)
-        row, _ = evaluate_student(init, cfg, jax.random.fold_in(key, 3), "hierarchical",
+        row, _ = VD.evaluate_student(init, cfg, jax.random.fold_in(key, 3), "hierarchical",
                                   data_speed)
         rows["ODE-init student (hierarchical)"].append(row)
 
@@ -202,7 +184,7 @@ def main(argv=None):
                                                                       f"{slug}_seed{seed}"),
                                           pairs=pairs, student=init)
             timings[name].append(time.time() - t0)
-            row, long = evaluate_student(student, vcfg, jax.random.fold_in(key, 3), v["order"],
+            row, long = VD.evaluate_student(student, vcfg, jax.random.fold_in(key, 3), v["order"],
                                          data_speed)
             rows[name].append(row)
             print(f"seed {seed} | {name}: " + ", ".join(f"{k}={row[k]:.3g}" for k in COLUMNS),

@@ -24,6 +24,8 @@ MODES = {
     "fid_stats": ("fdistill.evaluate", "fid_stats"),
     "eval": ("fdistill.evaluate", "evaluate"),
 }
+# video configs (config.data.name == 'video'): mode -> function of fdistill.video.distill
+VIDEO_MODES = {"train": "train_video_teacher", "distill": "distill", "sample": "sample"}
 
 config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.",
                                 lock_config=True)
@@ -42,11 +44,12 @@ def run(config, workdir: str, mode: str) -> dict:
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; valid modes: {', '.join(MODES)}")
     module, fn = MODES[mode]
-    if mode == "train" and config.data.name == "video":
-        module, fn = "fdistill.video.distill", "train_video_teacher"
-    if mode == "sample" and config.data.name == "video":
-        raise ValueError("--mode=sample does not cover video configs yet: sample video students "
-                         "with experiments/video_hiar.py or notebooks/video_hiar.ipynb")
+    if config.data.name == "video":
+        if mode not in VIDEO_MODES:
+            raise ValueError(f"--mode={mode} does not apply to video configs; valid modes for "
+                             f"video: {', '.join(VIDEO_MODES)}")
+        return getattr(importlib.import_module("fdistill.video.distill"),
+                       VIDEO_MODES[mode])(config, workdir)
     if mode == "sample" and "distill" in config:
         module, fn = "fdistill.distill", "sample"  # a student: one network evaluation per sample
     return getattr(importlib.import_module(module), fn)(config, workdir)

@@ -154,3 +154,35 @@ def test_end_to_end_teacher_then_student_improves_its_losses(tmp_path):
     clip = hiar.sample(distilled, hiar.draw_noise(jax.random.key(1), 2, (2, 2 * T, SIZE, SIZE, 1)),
                        sigmas, block_size=BS, window=T)
     assert clip.shape == (2, 2 * T, SIZE, SIZE, 1) and bool(jnp.isfinite(clip).all())
+
+
+def test_command_line_modes_for_video(tmp_path):
+    """--mode=train / sample / distill / sample with a video config, through fdistill.main.run:
+    teacher clips, then the distilled student's rollout; other modes and a missing teacher fail
+    with the fix."""
+    from fdistill import main
+    c = tiny_config()
+    c.eval.num_clips = 4
+    c.distill.num_iters = c.distill.log_every = c.distill.ckpt_every = 2
+    teacher_dir, student_dir = str(tmp_path / "teacher"), str(tmp_path / "student")
+    with pytest.raises(ValueError, match="valid modes for video: train, distill, sample"):
+        main.run(c, teacher_dir, "likelihood")
+    main.run(c, teacher_dir, "train")
+    out = main.run(c, teacher_dir, "sample")
+    assert out["sample/nfe"] == 2 * c.sampling.num_steps - 1
+    assert 0 <= out["teacher/dynamic"] <= 1 and out["data/speed"] > 0
+    assert os.path.exists(os.path.join(teacher_dir, "samples.gif"))
+
+    c.distill.teacher_workdir = ""
+    with pytest.raises(ValueError, match="teacher_workdir is empty"):
+        main.run(c, student_dir, "distill")
+    c.distill.teacher_workdir = str(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="no teacher checkpoint"):
+        main.run(c, student_dir, "distill")
+    c.distill.teacher_workdir = teacher_dir
+    out = main.run(c, student_dir, "distill")
+    assert out["order"] == "hierarchical" and np.isfinite(out["student/drift"])
+    assert os.path.exists(os.path.join(student_dir, "student_rollout.gif"))
+    again = main.run(c, student_dir, "sample")              # the student, not the teacher
+    assert again["student/speed"] == pytest.approx(out["student/speed"])
+    assert "teacher/speed" not in again

@@ -482,3 +482,103 @@ def student_sigmas_of(config, process) -> np.ndarray:
     s = config.student
     return hiar.step_sigmas(s.num_steps, sigma_max=process.sigma_max, sigma_last=s.sigma_last,
                             rho=process.rho)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation and the command-line modes (--mode=distill / sample with a video config).
+
+def evaluate_student(student, config, key, order: str, data_speed: float
+                     ) -> tuple[dict, np.ndarray]:
+    """Motion at the training length and drift over a rollout ``eval.rollout_factor`` times
+    longer (sliding KV window): (metrics row, the long clips)."""
+    from fdistill.video import metrics
+    s = config.student
+    sigmas = student_sigmas_of(config, student.process)
+    shape = (config.eval.num_clips, config.data.num_frames, config.data.size, config.data.size,
+             config.data.get("channels", 1))
+    k_short, k_long = jax.random.split(key)
+    short = np.asarray(hiar.sample(student, hiar.draw_noise(k_short, s.num_steps, shape), sigmas,
+                                   block_size=s.block_size, window=s.window, order=order))
+    long_shape = (shape[0], shape[1] * config.eval.rollout_factor, *shape[2:])
+    long = np.asarray(hiar.sample(student, hiar.draw_noise(k_long, s.num_steps, long_shape),
+                                  sigmas, block_size=s.block_size, window=s.window, order=order))
+    row = metrics.motion_stats(short, square=config.data.square)
+    row["speed_ratio"] = row["speed"] / data_speed
+    row["drift"] = metrics.drift(long, config.data.num_frames, square=config.data.square)["slope"]
+    return row, long
+
+
+def _teacher_of(config) -> VideoDenoiser:
+    workdir = config.distill.get("teacher_workdir", "")
+    if not workdir:
+        raise ValueError("config.distill.teacher_workdir is empty: point it at a trained video "
+                         "teacher, e.g. --config.distill.teacher_workdir=runs/video")
+    return load_video_teacher(config, workdir)
+
+
+def _data_speed(config) -> float:
+    from fdistill.video import metrics
+    clips = get_video_dataset(config.data, global_batch_size=256, seed=config.seed + 7).batch(0)
+    return metrics.motion_stats(clips["x"], square=config.data.square)["speed"]
+
+
+def _write_student_results(config, workdir: str, student, results: dict) -> dict:
+    from fdistill.video import metrics
+    row, long = evaluate_student(student, config, jax.random.key(config.seed + 3),
+                                 config.distill.order, _data_speed(config))
+    results.update({f"student/{k}": float(v) for k, v in row.items()})
+    if jax.process_index() == 0:
+        metrics.save_gif(os.path.join(workdir, "student_rollout.gif"), long[:16])
+        shown = "  ".join(f"{k}={v:.4g}" for k, v in row.items())
+        print(f"student ({config.student.num_steps} steps, {config.distill.order}): {shown}")
+    monitor.write_results(workdir, results)
+    return results
+
+
+def distill(config, workdir: str) -> dict:
+    """``--mode=distill`` with a video config: HiAR self-rollout distillation of the teacher in
+    ``config.distill.teacher_workdir`` (ODE pairs, ODE-regression initialisation, then
+    ``distill_video``), followed by the student's motion and drift (``student_rollout.gif``,
+    results.json)."""
+    teacher = _teacher_of(config)
+    t0 = time.time()
+    student, last = distill_video(config, teacher, workdir)
+    results = {"mode": "distill", "divergence": config.distill.divergence,
+               "order": config.distill.order, "fkl_weight": float(config.distill.fkl_weight),
+               "fkl_mask": config.distill.fkl_mask, "distill_seconds": time.time() - t0,
+               **{f"final/{k}": float(v) for k, v in last.items()}}
+    return _write_student_results(config, workdir, student, results)
+
+
+def sample(config, workdir: str) -> dict:
+    """``--mode=sample`` with a video config: the distilled student's rollout when ``workdir``
+    holds a distillation checkpoint (its motion, drift and ``student_rollout.gif``), else the
+    teacher's Heun clips (``samples.gif`` and motion against the data's)."""
+    from fdistill import checkpoint
+    from fdistill.video import metrics
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    has_ckpt = os.path.isdir(ckpt_dir) and checkpoint.Checkpointer(ckpt_dir).all_steps()
+    if has_ckpt and "teacher_workdir" in config.distill and os.path.abspath(
+            config.distill.teacher_workdir) != os.path.abspath(workdir):
+        try:
+            student = load_video_student(config, build_teacher(config), workdir)
+        except checkpoint.CheckpointError:
+            student = None  # a teacher checkpoint: its structure is not the distillation state's
+        if student is not None:
+            return _write_student_results(config, workdir, student, {"mode": "sample"})
+    teacher = load_video_teacher(config, workdir)
+    shape = (config.eval.num_clips, config.data.num_frames, config.data.size, config.data.size,
+             config.data.get("channels", 1))
+    clips = np.asarray(hiar.teacher_sample(teacher, jax.random.key(config.seed + 2), shape,
+                                           num_steps=config.sampling.num_steps))
+    results = {"mode": "sample", "sample/nfe": 2 * int(config.sampling.num_steps) - 1,
+               **{f"teacher/{k}": float(v) for k, v in metrics.motion_stats(
+                   clips, square=config.data.square).items()},
+               "data/speed": _data_speed(config)}
+    if jax.process_index() == 0:
+        metrics.save_gif(os.path.join(workdir, "samples.gif"), clips[:16])
+        print(f"{len(clips)} teacher clips ({results['sample/nfe']} network evaluations each): "
+              f"speed {results['teacher/speed']:.3f} px/frame (data {results['data/speed']:.3f})"
+              f" -> {os.path.join(workdir, 'samples.gif')}")
+    monitor.write_results(workdir, results)
+    return results
