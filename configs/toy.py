@@ -1,6 +1,6 @@
 """2-D toy teacher: an EDM-preconditioned residual MLP on a mixture of Gaussians.
 
-Run (about a minute on 2 CPU cores):
+Run (under a minute on 2 CPU cores):
     python -m fdistill.main --config=configs/toy.py --workdir=runs/toy --mode=train
     python -m fdistill.main --config=configs/toy.py --workdir=runs/toy --mode=sample
 Other toys: --config.data.toy=grid25 | unbalanced | moons.
@@ -15,7 +15,7 @@ def get_config():
     c.data.toy = "ring8"
     c.process.sigma_data = 1.0
     c.model.name = "mlp"
-    c.model.hidden = 256
+    c.model.hidden = 128
     c.model.depth = 4
     c.training.batch_size = 512
     c.training.num_steps = 2000

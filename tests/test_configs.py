@@ -22,12 +22,12 @@ BASES = {"cifar10": ("cifar10_edm_ddpmpp", "cifar10_vp_ddpmpp", "cifar10_ve_ncsn
 # Parameter counts with a published or hand-derived reference:
 #   EDM's CIFAR-10 DDPM++ / NCSN++ snapshots less map_augment (9 x 128 / 9 x 256 weights, no
 #   bias; tests/test_models.py); conditional adds map_label Linear(10, 128) = 1,408.
-#   toy MLP (h = 256, depth 4, 2-D): 2 mapping layers + 4 blocks x 3 layers of h^2 + h, plus
-#   in (2h + h) and out (2h + 2) = 922,370. Video transformer (D = 64, depth 4, 4x4 patches of
+#   toy MLP (h = 128, depth 4, 2-D): 2 mapping layers + 4 blocks x 3 layers of h^2 + h, plus
+#   in (2h + h) and out (2h + 2) = 231,810. Video transformer (D = 64, depth 4, 4x4 patches of
 #   1 channel, 16 tokens/frame): 318,544 (see `video_transformer_params`).
 EXPECTED = {"cifar10_edm_ddpmpp": 55_732_739, "cifar10_vp_ddpmpp": 55_732_739,
             "cifar10": 55_732_739, "cifar10_ve_ncsnpp": 56_395_523,
-            "distill_cifar10": 55_732_739 + 1_408, "toy": 922_370, "distill_toy": 922_370,
+            "distill_cifar10": 55_732_739 + 1_408, "toy": 231_810, "distill_toy": 231_810,
             "video": 318_544}
 
 

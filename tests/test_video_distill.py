@@ -186,3 +186,59 @@ def test_command_line_modes_for_video(tmp_path):
     again = main.run(c, student_dir, "sample")              # the student, not the teacher
     assert again["student/speed"] == pytest.approx(out["student/speed"])
     assert "teacher/speed" not in again
+
+
+VIDEO_MULTI_DEVICE = r"""
+import json, sys
+import jax, numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+sys.path.insert(0, '.')
+from fdistill.data.video import get_video_dataset
+from fdistill.video import distill as VD
+from tests.test_video_distill import tiny_config
+from tests.test_video_model import tiny_denoiser
+
+assert jax.device_count() == 2
+c = tiny_config()
+c.distill.fkl_weight = 0.1
+teacher = tiny_denoiser(0, depth=1)
+ds = get_video_dataset(c.data, global_batch_size=c.distill.batch_size, seed=0)
+sigmas = VD.student_sigmas_of(c, teacher.process)
+pairs = VD.ode_pairs(teacher, jax.random.key(0), 8, ds.shape, sigmas, substeps=2, batch_size=8)
+out = {}
+c.distill.divergence = "js"
+for name in ("1", "2"):
+    mesh = Mesh(np.asarray(jax.devices()[:int(name)]), ("data",), axis_types=(AxisType.Auto,))
+    graphs, state, txs = VD.init_distill_state(c, teacher)
+    critic, student = VD.make_distill_steps(c, teacher, graphs, txs, shape=ds.shape, mesh=mesh)
+    state = jax.device_put(state, NamedSharding(mesh, P()))
+    tp = jax.device_put(VD.train.split(teacher)[1], NamedSharding(mesh, P()))
+    hist = []
+    for i in range(2):
+        x = jax.device_put(ds.batch(i)["x"], NamedSharding(mesh, P("data")))
+        state, ms = student(state, tp, x, pairs)
+        state, mc = critic(state, tp, x, pairs)
+        hist.append({k: float(v) for k, v in {**ms, **mc}.items()})
+    out[name] = hist
+print("RESULT" + json.dumps(out))
+"""
+
+
+def test_video_distill_steps_match_on_one_and_two_devices():
+    """Self-rollout student and critic steps (Jensen-Shannon, so the discriminator too; FKL
+    regulariser on) give the same losses with the batches split over 2 fake CPU devices."""
+    import subprocess
+    import sys
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               JAX_PLATFORMS="cpu")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", VIDEO_MULTI_DEVICE], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.split("RESULT")[-1])
+    for ma, mb in zip(out["1"], out["2"]):
+        assert ma.keys() == mb.keys()
+        for k in ma:
+            np.testing.assert_allclose(ma[k], mb[k], rtol=2e-5, atol=2e-6, err_msg=k)
+    assert "student/loss_fkl" in out["1"][0] and out["1"][0]["student/loss"] != 0.0
+    assert out["1"][0]["critic/loss_dsm"] != out["1"][1]["critic/loss_dsm"]

@@ -260,8 +260,9 @@ class VideoDistiller:
     num_noise_steps; ``config.student``: num_steps, sigma_last, block_size, window.
     """
 
-    def __init__(self, config, process):
+    def __init__(self, config, process, mesh=None):
         d, s = config.distill, config.student
+        self.mesh = mesh
         self.divergence = divergences.get(d.divergence)
         hiar.check_order(d.order)
         if d.fkl_mask not in FKL_MASKS:
@@ -282,11 +283,22 @@ class VideoDistiller:
     def generate(self, student, key, batch_size: int, shape, *, train: bool):
         """Self-rollout; when ``train``, it exits at one random step shared by all blocks."""
         k_noise, k_exit = jax.random.split(key)
-        noise = hiar.draw_noise(k_noise, len(self.sigmas) - 1, (batch_size, *shape))
+        noise = self.shard(hiar.draw_noise(k_noise, len(self.sigmas) - 1, (batch_size, *shape)),
+                           axis=1)
         exit_step = (jax.random.randint(k_exit, (), 0, len(self.sigmas) - 1) if train
                      else None)
         return hiar.rollout(student, noise, self.sigmas, block_size=self.block_size,
                             window=self.window, order=self.order, exit_step=exit_step)
+
+    def shard(self, x, axis: int = 0):
+        """``x`` split over the mesh's data axis along its batch dimension ``axis`` (so that
+        clips the step draws itself are data parallel like the real batch); as is without a
+        mesh."""
+        if self.mesh is None:
+            return x
+        spec = (None,) * axis + (sharding.DATA_AXIS,)
+        return jax.lax.with_sharding_constraint(
+            x, jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(*spec)))
 
     def _noised(self, key, x):
         k_idx, k_eps = jax.random.split(key)
@@ -366,10 +378,12 @@ def _copy(model):
     return nnx.merge(graphdef, jax.tree.map(jnp.copy, state))
 
 
-def make_distill_steps(config, teacher: VideoDenoiser, graphs, txs, *, shape):
+def make_distill_steps(config, teacher: VideoDenoiser, graphs, txs, *, shape, mesh=None):
     """Jitted ``(critic_step, student_step)``, each ``(state, teacher_params, real_x, pairs)
-    -> (state, metrics)``; per-step keys are ``fold_in(key, state['step'])``."""
-    distiller = VideoDistiller(config, teacher.process)
+    -> (state, metrics)``; per-step keys are ``fold_in(key, state['step'])``. With a ``mesh``,
+    every batch (real, self-rolled-out, regulariser pairs) is split over its data axis and the
+    state is replicated: data parallel, the gradients' mean reduced by XLA."""
+    distiller = VideoDistiller(config, teacher.process, mesh)
     g_t, _, o_t = train.split(teacher)
     key = jax.random.key(config.seed)
     d = config.distill
@@ -399,6 +413,8 @@ def make_distill_steps(config, teacher: VideoDenoiser, graphs, txs, *, shape):
         k_loss, k_pairs = jax.random.split(k)
         batch = _take(pairs, jax.random.randint(k_pairs, (d.fkl_batch_size,), 0,
                                                 pairs["x0"].shape[0]))
+        batch = {"states": distiller.shard(batch["states"], axis=1),
+                 "x0": distiller.shard(batch["x0"])}
 
         def objective(p):
             student, teacher_m, fake, disc = models(state, teacher_params, student=p)
@@ -428,7 +444,16 @@ def distill_video(config, teacher: VideoDenoiser, workdir: str, *, pairs: dict |
     initialised student (the teacher's weights if None, after the optional ODE initialisation).
     """
     d, s = config.distill, config.student
-    ds = get_video_dataset(config.data, global_batch_size=d.batch_size, seed=config.seed)
+    mesh = sharding.make_mesh()
+    for what, size in (("distill.batch_size", d.batch_size),
+                       ("distill.fkl_batch_size", d.fkl_batch_size)):
+        try:
+            sharding.check_batch_size(size, mesh)
+        except ValueError as e:
+            raise ValueError(f"config.{what}: {e}") from e
+    ds = get_video_dataset(config.data, global_batch_size=d.batch_size,
+                           process_index=jax.process_index(), process_count=jax.process_count(),
+                           seed=config.seed)
     sigmas = student_sigmas_of(config, teacher.process)
     if pairs is None:
         pairs = ode_pairs(teacher, jax.random.key(config.seed + 11), d.num_pairs, ds.shape,
@@ -438,21 +463,23 @@ def distill_video(config, teacher: VideoDenoiser, workdir: str, *, pairs: dict |
                                     num_steps=d.ode_init_steps, batch_size=d.batch_size,
                                     lr=d.student_optim.lr, seed=config.seed)
     graphs, state, txs = init_distill_state(config, teacher, student)
-    critic_step, student_step = make_distill_steps(config, teacher, graphs, txs, shape=ds.shape)
-    teacher_params = train.split(teacher)[1]
+    critic_step, student_step = make_distill_steps(config, teacher, graphs, txs, shape=ds.shape,
+                                                   mesh=mesh)
+    shardings = jax.tree.map(lambda _: sharding.replicated(mesh), state)
+    state = jax.device_put(state, shardings)
+    teacher_params = jax.device_put(train.split(teacher)[1], sharding.replicated(mesh))
+    pairs = jax.device_put(pairs, sharding.replicated(mesh))
 
     student_metrics = {}
 
     def step_fn(state, i):
-        real_x = jnp.asarray(ds.batch(i)["x"])
+        real_x = sharding.global_batch(ds.batch(i), mesh)["x"]
         if i % d.critic_ratio == 0:
             state, metrics = student_step(state, teacher_params, real_x, pairs)
             student_metrics.update(metrics)
         state, critic_metrics = critic_step(state, teacher_params, real_x, pairs)
         return state, {**student_metrics, **critic_metrics}
 
-    mesh = sharding.make_mesh()
-    shardings = jax.tree.map(lambda _: sharding.replicated(mesh), state)
     state, last = train.fit(workdir=workdir, state=state, state_sharding=shardings,
                             step_fn=step_fn,
                             loop=train.LoopConfig(num_steps=d.num_iters,
