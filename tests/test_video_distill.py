@@ -131,12 +131,25 @@ def test_bad_distillation_configs():
 
 
 def test_end_to_end_teacher_then_student_improves_its_losses(tmp_path):
+    """Teacher, ODE initialisation and distillation improve their losses; the same pipeline runs
+    through the command line (--mode=train / sample / distill / sample with a video config:
+    teacher clips, then the distilled student's rollout); other modes and a missing teacher fail
+    with the fix."""
+    from fdistill import main
     c = tiny_config()
-    results = VD.train_video_teacher(c, str(tmp_path / "teacher"))
+    c.eval.num_clips = 4
+    teacher_dir, student_dir = str(tmp_path / "teacher"), str(tmp_path / "cli_student")
+    with pytest.raises(ValueError, match="valid modes for video: train, distill, sample"):
+        main.run(c, teacher_dir, "likelihood")
+    results = main.run(c, teacher_dir, "train")
     assert results["steps"] == 12 and "teacher/speed" in results and "data/speed" in results
     assert os.path.exists(tmp_path / "teacher" / "samples.gif")
     with open(tmp_path / "teacher" / "results.json") as f:
         assert json.load(f)["steps"] == 12
+    out = main.run(c, teacher_dir, "sample")
+    assert out["sample/nfe"] == 2 * c.sampling.num_steps - 1
+    assert 0 <= out["teacher/dynamic"] <= 1 and out["data/speed"] > 0
+
     teacher = VD.load_video_teacher(c, str(tmp_path / "teacher"))
     sigmas = VD.student_sigmas_of(c, teacher.process)
     pairs = VD.ode_pairs(teacher, jax.random.key(0), 8, (T, SIZE, SIZE, 1), sigmas, substeps=2,
@@ -144,10 +157,11 @@ def test_end_to_end_teacher_then_student_improves_its_losses(tmp_path):
     student, losses = VD.ode_initialise(teacher, pairs, sigmas, block_size=BS, num_steps=8,
                                         batch_size=8, lr=3e-3)
     assert np.mean(losses[-3:]) < np.mean(losses[:3])
-    c.distill.fkl_weight = 1.0
-    c.distill.student_optim.lr = 3e-3
+    cs = c.copy_and_resolve_references()
+    cs.distill.fkl_weight = 1.0
+    cs.distill.student_optim.lr = 3e-3
     before = float(VD.fkl_regulariser(student, pairs))
-    distilled, last = VD.distill_video(c, teacher, str(tmp_path / "student"), pairs=pairs,
+    distilled, last = VD.distill_video(cs, teacher, str(tmp_path / "student"), pairs=pairs,
                                        student=student)
     assert float(VD.fkl_regulariser(distilled, pairs)) < before
     assert np.isfinite(last["critic/loss_dsm"])
@@ -155,24 +169,7 @@ def test_end_to_end_teacher_then_student_improves_its_losses(tmp_path):
                        sigmas, block_size=BS, window=T)
     assert clip.shape == (2, 2 * T, SIZE, SIZE, 1) and bool(jnp.isfinite(clip).all())
 
-
-def test_command_line_modes_for_video(tmp_path):
-    """--mode=train / sample / distill / sample with a video config, through fdistill.main.run:
-    teacher clips, then the distilled student's rollout; other modes and a missing teacher fail
-    with the fix."""
-    from fdistill import main
-    c = tiny_config()
-    c.eval.num_clips = 4
     c.distill.num_iters = c.distill.log_every = c.distill.ckpt_every = 2
-    teacher_dir, student_dir = str(tmp_path / "teacher"), str(tmp_path / "student")
-    with pytest.raises(ValueError, match="valid modes for video: train, distill, sample"):
-        main.run(c, teacher_dir, "likelihood")
-    main.run(c, teacher_dir, "train")
-    out = main.run(c, teacher_dir, "sample")
-    assert out["sample/nfe"] == 2 * c.sampling.num_steps - 1
-    assert 0 <= out["teacher/dynamic"] <= 1 and out["data/speed"] > 0
-    assert os.path.exists(os.path.join(teacher_dir, "samples.gif"))
-
     c.distill.teacher_workdir = ""
     with pytest.raises(ValueError, match="teacher_workdir is empty"):
         main.run(c, student_dir, "distill")
