@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fdistill import monitor, sharding, train
+from fdistill import monitor, train
 
 
 def example_shape(config) -> tuple[int, ...]:

@@ -2,8 +2,6 @@
 import copy
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +11,7 @@ import pytest
 
 from configs import distill_toy
 from fdistill import checkpoint, data, distill, generate, sharding, train
+from tests.tiny import run_on_fake_devices
 
 
 def toy_config(tmp):
@@ -190,13 +189,7 @@ print("RESULT" + json.dumps(out))
 def test_distill_steps_match_on_one_and_two_devices():
     """Student and critic steps (incl. R1, global h and r-bin means; replicated, and fsdp with a
     2-step student reading fake-score features) give the same losses on 1 and 2 fake CPU devices."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-               JAX_PLATFORMS="cpu")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "-c", MULTI_DEVICE], cwd=root, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.split("RESULT")[-1])
+    out = run_on_fake_devices(MULTI_DEVICE)
     for a, b in (("1", "2"), ("1few", "2few")):
         for ma, mb in zip(out[a], out[b]):
             assert ma.keys() == mb.keys()

@@ -3,7 +3,6 @@ import os
 
 import nbformat
 import numpy as np
-import pytest
 from nbclient import NotebookClient
 
 NOTEBOOKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "notebooks")

@@ -10,10 +10,11 @@ import pytest
 from flax import nnx
 
 from configs.video import get_config
-from fdistill import sde, train
+from fdistill import sde
 from fdistill.video import distill as VD
 from fdistill.video import hiar
 from tests.test_video_model import BS, SIZE, T, tiny_denoiser
+from tests.tiny import run_on_fake_devices
 
 
 def tiny_config():
@@ -224,15 +225,7 @@ print("RESULT" + json.dumps(out))
 def test_video_distill_steps_match_on_one_and_two_devices():
     """Self-rollout student and critic steps (Jensen-Shannon, so the discriminator too; FKL
     regulariser on) give the same losses with the batches split over 2 fake CPU devices."""
-    import subprocess
-    import sys
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-               JAX_PLATFORMS="cpu")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "-c", VIDEO_MULTI_DEVICE], cwd=root, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.split("RESULT")[-1])
+    out = run_on_fake_devices(VIDEO_MULTI_DEVICE)
     for ma, mb in zip(out["1"], out["2"]):
         assert ma.keys() == mb.keys()
         for k in ma:

@@ -1,4 +1,11 @@
-"""Tiny configs shared by the tests (small networks, few steps, few compiled shapes)."""
+"""Tiny configs shared by the tests (small networks, few steps, few compiled shapes), and a
+runner for scripts that need fake CPU devices (a fresh process: the device count is fixed at
+JAX's start)."""
+import json
+import os
+import subprocess
+import sys
+
 import ml_collections
 
 from configs import toy
@@ -17,3 +24,15 @@ def tiny_toy_config(num_steps: int = 6, **training) -> ml_collections.ConfigDict
     c.sampling.batch_size = 64
     c.sampling.num_steps = 6
     return c
+
+
+def run_on_fake_devices(script: str, devices: int = 2, timeout: int = 600):
+    """Runs ``script`` (python source printing ``RESULT<json>``) with ``devices`` fake CPU
+    devices from the repository root; returns the decoded JSON."""
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               JAX_PLATFORMS="cpu")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", script], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.split("RESULT")[-1])

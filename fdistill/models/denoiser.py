@@ -10,7 +10,6 @@ The score follows by Tweedie's formula: grad log p_t(x_t) = (alpha_t D - x_t) / 
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
