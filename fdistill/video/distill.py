@@ -583,14 +583,12 @@ def sample(config, workdir: str) -> dict:
     teacher's Heun clips (``samples.gif`` and motion against the data's)."""
     from fdistill import checkpoint
     from fdistill.video import metrics
-    ckpt_dir = os.path.join(workdir, "checkpoints")
-    has_ckpt = os.path.isdir(ckpt_dir) and checkpoint.Checkpointer(ckpt_dir).all_steps()
-    if has_ckpt and "teacher_workdir" in config.distill and os.path.abspath(
-            config.distill.teacher_workdir) != os.path.abspath(workdir):
+    teacher_dir = config.distill.get("teacher_workdir", "")
+    if not teacher_dir or os.path.abspath(teacher_dir) != os.path.abspath(workdir):
         try:
             student = load_video_student(config, build_teacher(config), workdir)
-        except checkpoint.CheckpointError:
-            student = None  # a teacher checkpoint: its structure is not the distillation state's
+        except (FileNotFoundError, checkpoint.CheckpointError):
+            student = None  # no checkpoint, or a teacher's: not the distillation state
         if student is not None:
             return _write_student_results(config, workdir, student, {"mode": "sample"})
     teacher = load_video_teacher(config, workdir)
