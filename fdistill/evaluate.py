@@ -400,6 +400,13 @@ class BestCheckpoint:
         return True
 
 
+def local_copy(params):
+    """The training state's (possibly multi-host, sharded) parameters as arrays on this process'
+    default device, so that evaluation samples locally and reads its samples back."""
+    from fdistill import sharding
+    return jax.device_put(sharding.to_host(params))
+
+
 def periodic_hook(config, workdir: str, score_state: Callable[[PeriodicEval, dict], dict], *,
                   every: int, log_every: int = 1) -> Callable[[int, dict], dict] | None:
     """``hook(step, state) -> metrics`` for ``train.fit(on_log=...)``: at steps that are
@@ -445,10 +452,12 @@ def student_hook(config, workdir: str, distiller, *, log_every: int = 1
     draw = distiller.sample_fn(bs)
 
     def score_state(evaluator: PeriodicEval, state) -> dict:
+        params = local_copy(state["student_ema"])
+
         def draw_batch(i):
             labels = _labels(k, bs)
             key = jax.random.fold_in(evaluator.key, i)
-            return draw(state["student_ema"], key, _one_hot(labels, k)), labels
+            return draw(params, key, _one_hot(labels, k)), labels
         return evaluator.score_draw(draw_batch)
 
     return periodic_hook(config, workdir, score_state, every=every, log_every=log_every)

@@ -236,7 +236,8 @@ def train(config, workdir: str) -> dict:
         return step(state, sharding.global_batch(ds.batch(i), mesh))
 
     from fdistill import evaluate
-    on_log = evaluate.training_hook(config, workdir, lambda s: merge(graphdef, s["ema"], others),
+    on_log = evaluate.training_hook(config, workdir,
+                                    lambda s: merge(graphdef, evaluate.local_copy(s["ema"]), others),
                                     log_every=config.training.log_every)
     t0, history = time.time(), []
     state, metrics = fit(workdir=workdir, state=state, state_sharding=shardings, step_fn=step_fn,

@@ -216,6 +216,15 @@ def test_periodic_eval_and_best_checkpoint(digits_run, tmp_path):
     with open(os.path.join(workdir, "best.json")) as f:
         assert json.load(f) == {"metric": evaluator.metric, "value": value, "step": 2}
 
+    # ... wired into the teacher loop: train.train scores the EMA teacher and keeps the best.
+    config.eval.ref_stats = os.path.join(workdir, "ref_stats.npz")
+    trained = str(tmp_path / "trained")
+    out = train.train(config, trained)
+    with open(os.path.join(trained, "best.json")) as f:
+        record = json.load(f)
+    assert record["step"] == 2 and out[f"final/{evaluator.metric}"] == record["value"]
+    assert checkpoint.Checkpointer(os.path.join(trained, "best")).all_steps() == [2]
+
 
 def test_student_periodic_eval_keeps_the_best_state(digits_run, tmp_path):
     """The distill loop scores its EMA student every distill.eval_every iterations with the
