@@ -22,12 +22,15 @@ import numpy as np
 
 from configs import digits, distill_digits
 from fdistill import data, distill, generate, train
-from fdistill.evaluation import classifier
+from fdistill.evaluation import classifier, inception
 
 TEACHER_SAMPLERS = (("heun", 18), ("heun", 9), ("heun", 5), ("heun", 3), ("euler_maruyama", 100))
 
 
 def score(clf, x, labels, real) -> dict:
+    """fd_digits and class accuracy of samples quantised as saved images are (uint8, EDM's
+    rounding and clipping), the protocol of --mode=eval."""
+    x = inception.to_uint8(np.asarray(x)).astype(np.float32) / 127.5 - 1.0
     m = classifier.in_domain_metrics(clf, x, real, labels=labels)
     return {"fd_digits": m["fd_digits"], "accuracy_digits": m["accuracy_digits"]}
 
