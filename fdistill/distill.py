@@ -578,12 +578,13 @@ def load_teacher(config):
 
 
 def draw_student_samples(distiller: Distiller, params, n: int, key, batch_size: int) -> np.ndarray:
-    """n student samples (labels cycling through the classes when conditional)."""
+    """n student samples; sample j has class j % num_classes when conditional (the cycle runs
+    on across batches)."""
     draw = distiller.sample_fn(batch_size)
     k = distiller.num_classes
     out = []
     for i in range(-(-n // batch_size)):
-        labels = jax.nn.one_hot(jnp.arange(batch_size) % k, k) if k else None
+        labels = jax.nn.one_hot((i * batch_size + jnp.arange(batch_size)) % k, k) if k else None
         out.append(np.asarray(draw(params, jax.random.fold_in(key, i), labels)))
     return np.concatenate(out)[:n]
 

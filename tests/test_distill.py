@@ -199,3 +199,16 @@ def test_distill_steps_match_on_one_and_two_devices():
     first, last = out["1"][0], out["1"][-1]
     assert first["student/loss"] != 0.0 and last["critic/loss"] != 0.0 and "critic/r1" in last
     assert out["1"][1]["critic/loss"] != out["1"][2]["critic/loss"]
+
+
+def test_student_samples_cycle_through_the_classes_across_batches():
+    """Sample j is drawn for class j % num_classes whatever the batch size (what the in-domain
+    accuracy compares against)."""
+    class Conditional:
+        num_classes = 10
+
+        def sample_fn(self, batch_size):
+            return lambda params, key, labels: np.asarray(labels).argmax(1)[:, None]
+
+    x = distill.draw_student_samples(Conditional(), None, 12, jax.random.key(0), 5)
+    assert x[:, 0].tolist() == [j % 10 for j in range(12)]
