@@ -33,53 +33,53 @@ UNET_FIELDS = ('model_channels', 'channel_mult', 'channel_mult_emb', 'num_blocks
 
 
 def _unet_kwargs(model_config) -> dict:
-  kw = {k: model_config[k] for k in UNET_FIELDS if k in model_config}
-  for k in ('channel_mult', 'attn_resolutions', 'resample_filter'):
-    if k in kw:
-      kw[k] = tuple(kw[k])
-  return kw
+    kw = {k: model_config[k] for k in UNET_FIELDS if k in model_config}
+    for k in ('channel_mult', 'attn_resolutions', 'resample_filter'):
+        if k in kw:
+            kw[k] = tuple(kw[k])
+    return kw
 
 
 def _build_unet(cls, config, rngs):
-  d = config.data
-  return cls(d.image_size, d.num_channels, d.num_channels, label_dim=d.get('num_classes', 0),
-             rngs=rngs, **_unet_kwargs(config.model))
+    d = config.data
+    return cls(d.image_size, d.num_channels, d.num_channels, label_dim=d.get('num_classes', 0),
+               rngs=rngs, **_unet_kwargs(config.model))
 
 
 def build_ddpmpp(config, *, rngs: nnx.Rngs) -> SongUNet:
-  """DDPM++ (EDM's SongUNet, DDPM++ settings) for `config.data` images."""
-  return _build_unet(DDPMpp, config, rngs)
+    """DDPM++ (EDM's SongUNet, DDPM++ settings) for `config.data` images."""
+    return _build_unet(DDPMpp, config, rngs)
 
 
 def build_ncsnpp(config, *, rngs: nnx.Rngs) -> SongUNet:
-  """NCSN++ (EDM's SongUNet, NCSN++ settings) for `config.data` images."""
-  return _build_unet(NCSNpp, config, rngs)
+    """NCSN++ (EDM's SongUNet, NCSN++ settings) for `config.data` images."""
+    return _build_unet(NCSNpp, config, rngs)
 
 
 def build_mlp(config, *, rngs: nnx.Rngs) -> MLP:
-  """Residual MLP for `config.data.dim`-dimensional points."""
-  m = config.model
-  kw = {k: m[k] for k in ('hidden', 'depth', 'embedding_type', 'dropout') if k in m}
-  return MLP(config.data.dim, label_dim=config.data.get('num_classes', 0), rngs=rngs, **kw)
+    """Residual MLP for `config.data.dim`-dimensional points."""
+    m = config.model
+    kw = {k: m[k] for k in ('hidden', 'depth', 'embedding_type', 'dropout') if k in m}
+    return MLP(config.data.dim, label_dim=config.data.get('num_classes', 0), rngs=rngs, **kw)
 
 
 NETWORKS = {'ddpmpp': build_ddpmpp, 'ncsnpp': build_ncsnpp, 'mlp': build_mlp}
 
 
 def get_network(config, *, rngs: nnx.Rngs) -> nnx.Module:
-  """The bare network F named by `config.model.name` (no preconditioning)."""
-  name = config.model.name
-  if name not in NETWORKS:
-    raise ValueError(f'Unknown model name {name!r}; valid names: {", ".join(NETWORKS)}.')
-  return NETWORKS[name](config, rngs=rngs)
+    """The bare network F named by `config.model.name` (no preconditioning)."""
+    name = config.model.name
+    if name not in NETWORKS:
+        raise ValueError(f'Unknown model name {name!r}; valid names: {", ".join(NETWORKS)}.')
+    return NETWORKS[name](config, rngs=rngs)
 
 
 def get_model(config, *, rngs: nnx.Rngs) -> Denoiser:
-  """`Denoiser(net, process, precond, sigma_data)` from a full config (see the module docstring)."""
-  net = get_network(config, rngs=rngs)
-  process = sde_from_config(config.process)
-  return Denoiser(net, process, precond=config.model.get('precond', 'edm'),
-                  sigma_data=config.process.get('sigma_data', 0.5))
+    """`Denoiser(net, process, precond, sigma_data)` from a full config (see the module docstring)."""
+    net = get_network(config, rngs=rngs)
+    process = sde_from_config(config.process)
+    return Denoiser(net, process, precond=config.model.get('precond', 'edm'),
+                    sigma_data=config.process.get('sigma_data', 0.5))
 
 
 __all__ = ['DDPMpp', 'Denoiser', 'Discriminator', 'MLP', 'NCSNpp', 'NETWORKS', 'SongUNet',

@@ -15,14 +15,14 @@ from fdistill.models.ddpmpp import SongUNet
 
 
 class NCSNpp(SongUNet):
-  """NCSN++ with EDM's CIFAR-10 settings as defaults (128 channels, mults (2, 2, 2), 4 blocks,
-  attention at 16, dropout 0.13, Fourier embedding, residual encoder, standard decoder, FIR
-  [1, 3, 3, 1]); any SongUNet keyword argument may be overridden."""
+    """NCSN++ with EDM's CIFAR-10 settings as defaults (128 channels, mults (2, 2, 2), 4 blocks,
+    attention at 16, dropout 0.13, Fourier embedding, residual encoder, standard decoder, FIR
+    [1, 3, 3, 1]); any SongUNet keyword argument may be overridden."""
 
-  DEFAULTS = dict(model_channels=128, channel_mult=(2, 2, 2), num_blocks=4, attn_resolutions=(16,),
-                  dropout=0.13, embedding_type='fourier', channel_mult_noise=2,
-                  encoder_type='residual', decoder_type='standard', resample_filter=(1, 3, 3, 1))
+    DEFAULTS = dict(model_channels=128, channel_mult=(2, 2, 2), num_blocks=4, attn_resolutions=(16,),
+                    dropout=0.13, embedding_type='fourier', channel_mult_noise=2,
+                    encoder_type='residual', decoder_type='standard', resample_filter=(1, 3, 3, 1))
 
-  def __init__(self, img_resolution: int, in_channels: int, out_channels: int, *, rngs: nnx.Rngs,
-               **kwargs):
-    super().__init__(img_resolution, in_channels, out_channels, rngs=rngs, **(self.DEFAULTS | kwargs))
+    def __init__(self, img_resolution: int, in_channels: int, out_channels: int, *, rngs: nnx.Rngs,
+                 **kwargs):
+        super().__init__(img_resolution, in_channels, out_channels, rngs=rngs, **(self.DEFAULTS | kwargs))
