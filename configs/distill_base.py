@@ -1,10 +1,14 @@
-"""The `distill` section every f-distill config adds to its teacher's config.
+"""The base of every f-distill config: a `distill` section plus the run's own settings.
 
-A distill config is the teacher's config (model, process, data and optim sections unchanged, so
-the teacher checkpoint loads) plus this section. Paper defaults (arXiv 2502.15681, CIFAR-10)
-where they exist; each distill_*.py overrides what its scale needs.
+A distillation reads its teacher's `model`, `process` and `data` sections from the teacher's
+workdir (`<teacher_workdir>/config.json`), so a distill config carries only what the distillation
+itself decides: `seed`, `distill`, `eval`, `sampling` and `data.data_dir` (where the data lives on
+this machine). Paper defaults (arXiv 2502.15681, CIFAR-10) where they exist; each distill_*.py
+overrides what its scale needs.
 """
 import ml_collections
+
+from configs.default import get_default_config
 
 
 def optim(lr: float, weight_decay: float = 1e-2, grad_clip: float = 10.0, beta1: float = 0.9):
@@ -13,8 +17,22 @@ def optim(lr: float, weight_decay: float = 1e-2, grad_clip: float = 10.0, beta1:
                                           beta1=beta1, beta2=0.999, eps=1e-8, warmup=0))
 
 
+def distill_config(teacher_config=None, *, teacher_workdir: str = "",
+                   divergence: str = "fkl") -> ml_collections.ConfigDict:
+    """A distill config: `seed`, `eval` and `sampling` of `teacher_config` (the teacher's config
+    file, e.g. its in-domain evaluation; the defaults when None), `data.data_dir`, and the
+    `distill` section."""
+    base = teacher_config if teacher_config is not None else get_default_config()
+    c = ml_collections.ConfigDict()
+    c.seed = base.seed
+    c.data = ml_collections.ConfigDict({"data_dir": base.data.get("data_dir", "")})
+    c.eval = base.eval
+    c.sampling = base.sampling
+    return add_distill(c, teacher_workdir=teacher_workdir, divergence=divergence)
+
+
 def add_distill(c, *, teacher_workdir: str = "", divergence: str = "fkl"):
-    """Adds `c.distill` to a teacher config `c` (returned for chaining)."""
+    """Adds `c.distill` to a config `c` (returned for chaining)."""
     c.distill = d = ml_collections.ConfigDict()
     d.teacher_workdir = teacher_workdir
     d.divergence = divergence          # see fdistill.divergences.NAMES / ALIASES
@@ -43,6 +61,7 @@ def add_distill(c, *, teacher_workdir: str = "", divergence: str = "fkl"):
     d.gan_weight = 1e-3
     d.r1_weight = 1.0
     d.r1_alpha = 0.1
+    d.fake_score_weighting = "edm"     # none: plain x0 regression | edm: EDM's lambda(sigma)
     d.student_update_every = 5
     d.student_optim = optim(1e-4)
     d.fake_score_optim = optim(1e-4, grad_clip=0.0)

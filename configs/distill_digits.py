@@ -8,11 +8,11 @@ experiments/digits_fdistill.py runs teacher -> reverse-KL / forward-KL / JS stud
 them with an in-domain Frechet distance.
 """
 from configs import digits
-from configs.distill_base import add_distill, optim
+from configs.distill_base import distill_config, optim
 
 
 def get_config():
-    c = add_distill(digits.get_config(), teacher_workdir="runs/digits", divergence="fkl")
+    c = distill_config(digits.get_config(), teacher_workdir="runs/digits", divergence="fkl")
     d = c.distill
     d.disc_resolutions = (8, 4)
     d.student_optim = optim(1e-4, weight_decay=0.0)

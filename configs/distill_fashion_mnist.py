@@ -5,11 +5,11 @@ Run (a GPU is advised; on 2 CPU cores use it for smoke runs):
         --mode=distill --config.distill.teacher_workdir=runs/fmnist
 """
 from configs import fashion_mnist
-from configs.distill_base import add_distill, optim
+from configs.distill_base import distill_config, optim
 
 
 def get_config():
-    c = add_distill(fashion_mnist.get_config(), teacher_workdir="runs/fmnist", divergence="fkl")
+    c = distill_config(fashion_mnist.get_config(), teacher_workdir="runs/fmnist", divergence="fkl")
     d = c.distill
     d.disc_resolutions = (16, 8)
     d.student_optim = optim(5e-5)

@@ -10,11 +10,11 @@ in the quickstart (2,000 iterations, forward-KL): recall 1.0, precision 0.57, KL
 (k-NN estimate).
 """
 from configs import toy
-from configs.distill_base import add_distill, optim
+from configs.distill_base import distill_config, optim
 
 
 def get_config():
-    c = add_distill(toy.get_config(), teacher_workdir="runs/toy", divergence="fkl")
+    c = distill_config(toy.get_config(), teacher_workdir="runs/toy", divergence="fkl")
     d = c.distill
     d.disc_resolutions = (0,)          # the MLP's hidden state
     d.gan_weight = 1e-2

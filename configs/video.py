@@ -11,6 +11,7 @@ rows are in the README (video section).
 import ml_collections
 
 from configs.default import get_default_config
+from configs.distill_base import add_distill, optim
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -60,28 +61,31 @@ def get_config() -> ml_collections.ConfigDict:
     s.block_size = 2                        # frames per block
     s.window = 8                            # KV-cache window in frames (current block included)
 
-    c.distill = t = ml_collections.ConfigDict()
-    t.teacher_workdir = "runs/video"        # --mode=distill: the trained teacher's workdir
-    t.divergence = "reverse_kl"             # any fdistill.divergences name
+    add_distill(c, teacher_workdir="runs/video", divergence="reverse_kl")
+    t = c.distill
     t.order = "hierarchical"                # hierarchical | block_first (self-rollout order)
-    t.critic_ratio = 5                      # critic updated 5x as often as the student
+    t.student_update_every = 6              # 1 student per 5 critic updates (HiAR: critic 5x)
     t.fkl_weight = 0.1                      # forward-KL motion regulariser (0: off)
     t.fkl_mask = "bidirectional"            # bidirectional (paper) | block_causal (released code)
-    t.num_noise_steps = 1000                # Karras grid for the distribution-matching noise
     t.index_range = (20, 980)
+    t.disc_resolutions = (0,)               # the teacher's per-frame features
+    t.gan_weight = 0.0
+    t.r1_weight = 0.0
     t.num_pairs = 256                       # teacher ODE pairs (z, x0)
     t.pair_substeps = 5                     # Heun steps per student interval for the pairs
     t.ode_init_steps = 300                  # ODE-regression initialisation (0: off)
     t.batch_size = 16
     t.fkl_batch_size = 16
-    t.num_iters = 600
-    t.log_every = 100
-    t.ckpt_every = 600
+    t.num_steps = 720
+    t.log_every = 120
+    t.ckpt_every = 720
     t.ema_rate = 0.99
-    t.student_optim = ml_collections.ConfigDict(
-        dict(lr=1e-4, warmup=0, beta1=0.0, beta2=0.99, eps=1e-8, weight_decay=0.0, grad_clip=10.0))
-    t.critic_optim = ml_collections.ConfigDict(
-        dict(lr=2e-4, warmup=0, beta1=0.0, beta2=0.99, eps=1e-8, weight_decay=0.0, grad_clip=10.0))
+    t.student_optim = optim(1e-4, weight_decay=0.0, beta1=0.0)
+    t.student_optim.beta2 = 0.99
+    t.fake_score_optim = optim(2e-4, weight_decay=0.0, beta1=0.0)
+    t.fake_score_optim.beta2 = 0.99
+    t.disc_optim = optim(2e-4, weight_decay=0.0, beta1=0.0)
+    t.disc_optim.beta2 = 0.99
 
     c.eval.rollout_factor = 4               # drift: rollout 4x the training length
     c.eval.num_clips = 64

@@ -23,8 +23,8 @@ def get_config():
     c.optim.lr = 1e-3
     c.distill.num_pairs = 128
     c.distill.ode_init_steps = 150
-    c.distill.num_iters = 200
-    c.distill.log_every = 100
-    c.distill.ckpt_every = 200
+    c.distill.num_steps = 240
+    c.distill.log_every = 120
+    c.distill.ckpt_every = 240
     c.eval.num_clips = 32
     return c

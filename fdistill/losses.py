@@ -4,6 +4,8 @@ Both are written against the Denoiser interface `model(x_t, t, class_labels, key
 (the score is Tweedie's s = (alpha_t x0_hat - x_t) / sigma_t^2). `get_loss_fn(config)` returns
 `loss_fn(model, key, batch) -> (loss, metrics)` for the training loop, with `batch = {'x', 'label'}`.
 """
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -43,24 +45,27 @@ def dsm_losses(model, process: SDE, key, x0, class_labels=None, *, likelihood_we
     return weight * _reduce((x0_hat - x0) ** 2, reduce_mean), sigma / alpha
 
 
-def edm_losses(model, process: EDM, key, x0, class_labels=None, *, reduce_mean=True, dropout_key=None):
+def edm_losses(model, process: EDM, key, x0, class_labels=None, *, reduce_mean=True, dropout_key=None,
+               per_frame=False):
     """EDM eq. 8 / Table 1, per example: ln sigma ~ N(P_mean, P_std^2), n ~ N(0, sigma^2 I),
 
         lambda(sigma) || D(x_0 + n; sigma) - x_0 ||^2,
         lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2,
 
     summed over the data dimensions as in EDM (reduce_mean=False) or averaged (reduce_mean=True).
-    Returns (losses [B], sigma [B])."""
+    With `per_frame` (clips x0 [B, T, ...]) every frame has its own sigma (diffusion forcing) and
+    the losses are per frame. Returns (losses [B] or [B, T], sigma of the same shape)."""
     if not isinstance(process, EDM):
         raise ValueError(f"the 'edm' loss samples EDM's log-normal noise levels and needs process "
                          f"'edm', got {type(process).__name__}; use loss 'dsm' for Score-SDE processes")
     k_sigma, k_n = jax.random.split(key)
-    sigma = process.sample_training_sigma(k_sigma, x0.shape[0])
+    shape = x0.shape[:2] if per_frame else x0.shape[:1]
+    sigma = process.sample_training_sigma(k_sigma, math.prod(shape)).reshape(shape)
     x_t = x0 + bcast(sigma, x0) * jax.random.normal(k_n, x0.shape)
     x0_hat = model(x_t, sigma, class_labels, key=dropout_key)
-    sq = ((x0_hat - x0) ** 2).reshape(x0.shape[0], -1)
-    per_example = jnp.mean(sq, axis=-1) if reduce_mean else jnp.sum(sq, axis=-1)
-    return process.loss_weight(sigma) * per_example, sigma
+    sq = ((x0_hat - x0) ** 2).reshape(shape + (-1,))
+    per_unit = jnp.mean(sq, axis=-1) if reduce_mean else jnp.sum(sq, axis=-1)
+    return process.loss_weight(sigma) * per_unit, sigma
 
 
 def drop_labels(key, class_labels: jax.Array, p: float) -> jax.Array:
@@ -82,6 +87,7 @@ def sigma_bin_metrics(losses: jax.Array, sigma: jax.Array, prefix: str = 'train/
 
 
 LOSSES = ('dsm', 'edm')
+SIGMA_MODES = ('shared', 'per_frame')   # one sigma per example, or per frame of a clip
 
 
 def get_loss_fn(config):
@@ -98,12 +104,18 @@ def get_loss_fn(config):
     if name == 'edm' and not isinstance(process, EDM):
         raise ValueError(f"loss 'edm' needs config.process.name='edm', got {config.process.name!r}; "
                          f"use config.training.loss='dsm' for Score-SDE processes")
-    num_classes = config.data.num_classes
+    num_classes = config.data.get('num_classes', 0)
     p_drop = float(config.model.get('label_dropout', 0.))
     if not 0. <= p_drop <= 1.:
         raise ValueError(f"config.model.label_dropout is a probability, got {p_drop}")
     use_dropout = float(config.model.get('dropout', 0.)) > 0
     reduce_mean = config.training.reduce_mean
+    sigma_mode = config.training.get('sigma_mode', 'shared')
+    if sigma_mode not in SIGMA_MODES:
+        raise ValueError(f"unknown config.training.sigma_mode {sigma_mode!r}; valid: {list(SIGMA_MODES)}")
+    if sigma_mode == 'per_frame' and (name != 'edm' or config.data.name != 'video'):
+        raise ValueError("config.training.sigma_mode='per_frame' (one noise level per frame) needs "
+                         "video data and the 'edm' loss")
     likelihood_weighting = config.training.get('likelihood_weighting', False)
     dsm_eps = process.eps if isinstance(process, EDM) else DSM_EPS  # EDM's time is sigma >= sigma_min
     if name == 'edm' and likelihood_weighting:
@@ -121,7 +133,7 @@ def get_loss_fn(config):
         dropout_key = k_drop if use_dropout else None
         if name == 'edm':
             losses, sigma = edm_losses(model, process, k_noise, x0, labels, reduce_mean=reduce_mean,
-                                       dropout_key=dropout_key)
+                                       dropout_key=dropout_key, per_frame=sigma_mode == 'per_frame')
         else:
             losses, sigma = dsm_losses(model, process, k_noise, x0, labels, reduce_mean=reduce_mean,
                                        likelihood_weighting=likelihood_weighting, eps=dsm_eps,

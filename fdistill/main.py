@@ -9,23 +9,21 @@ Multi-host: pass --coordinator_address=host:port --num_processes=N --process_id=
 """
 from __future__ import annotations
 
-import importlib
-
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-# mode -> (module, function); every function has the signature fn(config, workdir) -> dict.
+from fdistill import modes, quickstart
+
+# mode -> fn(config, workdir) -> results dict
 MODES = {
-    "train": ("fdistill.train", "train"),
-    "sample": ("fdistill.generate", "sample"),
-    "likelihood": ("fdistill.generate", "likelihood"),
-    "quickstart": ("fdistill.quickstart", "run"),
-    "distill": ("fdistill.distill", "distill"),
-    "fid_stats": ("fdistill.evaluate", "fid_stats"),
-    "eval": ("fdistill.evaluate", "evaluate"),
+    "train": modes.train_mode,
+    "sample": modes.sample,
+    "likelihood": modes.likelihood,
+    "distill": modes.distill,
+    "fid_stats": modes.fid_stats,
+    "eval": modes.evaluate,
+    "quickstart": quickstart.run,
 }
-# video configs (config.data.name == 'video'): mode -> function of fdistill.video.distill
-VIDEO_MODES = {"train": "train_video_teacher", "distill": "distill", "sample": "sample"}
 
 config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.",
                                 lock_config=True)
@@ -43,16 +41,7 @@ def run(config, workdir: str, mode: str) -> dict:
     """Runs ``mode`` (a key of ``MODES``) and returns its results dict."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; valid modes: {', '.join(MODES)}")
-    module, fn = MODES[mode]
-    if config.data.name == "video":
-        if mode not in VIDEO_MODES:
-            raise ValueError(f"--mode={mode} does not apply to video configs; valid modes for "
-                             f"video: {', '.join(VIDEO_MODES)}")
-        return getattr(importlib.import_module("fdistill.video.distill"),
-                       VIDEO_MODES[mode])(config, workdir)
-    if mode == "sample" and "distill" in config:
-        module, fn = "fdistill.distill", "sample"  # a student: one network evaluation per sample
-    return getattr(importlib.import_module(module), fn)(config, workdir)
+    return MODES[mode](config, workdir)
 
 
 def main(argv):

@@ -35,9 +35,6 @@ class Monitor:
             print(f"step {step}/{self.total_steps}  {rate:.2f} steps/s  eta {_hms(eta)}  {shown}",
                   flush=True)
 
-    def images(self, step: int, name: str, images: np.ndarray) -> None:
-        self.writer.write_images(step, {name: images[None]})
-
     def close(self) -> None:
         self.writer.flush()
         self.writer.close()

@@ -14,7 +14,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from fdistill import data, distill, generate, monitor, train
+from fdistill import data, modes, monitor
 
 SAMPLERS = (("heun", 18), ("euler_maruyama", 100))
 STUDENTS = ("rkl", "fkl", "js")
@@ -30,10 +30,10 @@ def _table(rows: list[dict]) -> str:
 
 
 def student_config(config, teacher_dir: str, divergence: str) -> ml_collections.ConfigDict:
-    """The teacher's config plus ``configs/distill_toy.py``'s distill section."""
+    """``configs/distill_toy.py`` for the teacher in ``teacher_dir``, with the quickstart's seed."""
     from configs import distill_toy
-    c = ml_collections.ConfigDict(config.to_dict())
-    c.distill = distill_toy.get_config().distill
+    c = distill_toy.get_config()
+    c.seed = config.seed
     c.distill.teacher_workdir = teacher_dir
     c.distill.divergence = divergence
     return c
@@ -42,27 +42,27 @@ def student_config(config, teacher_dir: str, divergence: str) -> ml_collections.
 def run(config, workdir: str) -> dict:
     os.makedirs(workdir, exist_ok=True)
     teacher_dir = os.path.join(workdir, "teacher")
-    train.train(config, teacher_dir)
-    model, _ = train.load_model(config, teacher_dir)
+    modes.train_teacher(config, teacher_dir)
+    model, _ = modes.load_teacher(config, teacher_dir)
     n = config.sampling.num_samples
     key = jax.random.key(config.seed + 1)
     truth = data.get_dataset(config.data, global_batch_size=8, seed=config.seed)
-    extent = generate._toy_extent(config)
+    extent = modes.toy_extent(config)
     panels = [monitor.density_image(np.asarray(truth.sample(key, n)), extent=extent)]
     rows = []
     for name, steps in SAMPLERS:
-        sample_batch, nfe = generate.make_sample_fn(config, model, sampler_name=name,
-                                                    num_steps=steps)
-        x = generate.draw_samples(sample_batch, config, n, key)
-        rows.append({"model": f"teacher/{name}", "nfe": nfe, **generate.toy_metrics(config, x)})
+        draw, params = modes.teacher_sampler(config, model, config.sampling.batch_size,
+                                             sampler_name=name, num_steps=steps)
+        x = modes.draw_samples(draw, params, config, n, config.sampling.batch_size, key)
+        rows.append({"model": f"teacher/{name}", "nfe": draw.nfe, **modes.toy_metrics(config, x)})
         panels.append(monitor.density_image(x, extent=extent))
     for divergence in STUDENTS:
-        dc = student_config(config, teacher_dir, divergence)
-        out = distill.distill(dc, os.path.join(workdir, f"student_{divergence}"))
-        x = np.load(os.path.join(workdir, f"student_{divergence}", "student_samples.npz"))["samples"]
+        student_dir = os.path.join(workdir, f"student_{divergence}")
+        out = modes.distill(student_config(config, teacher_dir, divergence), student_dir)
+        x = np.load(os.path.join(student_dir, "student_samples.npz"))["samples"][:n]
         rows.append({"model": f"student/{divergence}", "nfe": out["nfe"],
-                     **generate.toy_metrics(config, x[:n])})
-        panels.append(monitor.density_image(x[:n], extent=extent))
+                     **modes.toy_metrics(config, x)})
+        panels.append(monitor.density_image(x, extent=extent))
     png = os.path.join(workdir, "quickstart.png")
     monitor.save_png(png, monitor.panel_row(panels))
     results = {"quickstart": rows}

@@ -196,13 +196,7 @@ def _ode_sampler(denoise_fn, process, key, shape, class_labels, num_steps, rho, 
 
     def step(i, x):
         x, s = raise_noise(i, x, sigmas[i])
-        s_next = sigmas[i + 1]
-        d = (x - denoise(x, s)) / s
-        x_next = x + (s_next - s) * d
-        if second_order:
-            d_next = (x_next - denoise(x_next, s_next)) / s_next
-            x_next = x + (s_next - s) * 0.5 * (d + d_next)
-        return x_next
+        return ode_step(denoise, x, s, sigmas[i + 1], second_order=second_order)
 
     x = jax.lax.fori_loop(0, num_steps - 1, step, x)
     # Last step sigma_{n-1} -> 0 is Euler: x + (0 - s)(x - D)/s = D (EDM Algorithm 1, line 8).
@@ -210,6 +204,37 @@ def _ode_sampler(denoise_fn, process, key, shape, class_labels, num_steps, rho, 
     x = denoise(x, s)
     nfe = (2 * num_steps - 1 if second_order else num_steps) * nfe_per_call(denoise_fn)
     return x, nfe
+
+
+def ode_step(denoise, x, s, s_next, *, second_order: bool = True):
+    """One step of EDM Algorithm 1 on dx/dsigma = (x - D(x; sigma)) / sigma from s to s_next:
+    Euler, then Heun's correction when `second_order` (never for s_next = 0)."""
+    d = (x - denoise(x, s)) / s
+    x_next = x + (s_next - s) * d
+    if second_order:
+        d_next = (x_next - denoise(x_next, s_next)) / s_next
+        x_next = x + (s_next - s) * 0.5 * (d + d_next)
+    return x_next
+
+
+def heun_trajectory(denoise, x, sigmas, *, record=()) -> tuple[jax.Array, list[jax.Array]]:
+    """Heun (EDM Algorithm 1) from x at sigmas[0] along an explicit decreasing grid ending at 0
+    (Euler for the last step to 0), with `denoise(x, sigma [B])` in EDM's space. Returns the end
+    point and the states at the grid indices in `record` (e.g. a student's levels)."""
+    kept = []
+    for i in range(len(sigmas) - 1):
+        if i in record:
+            kept.append(x)
+        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+        x = ode_step(lambda y, t: denoise(y, _vec(t, y)), x, s, s_next,
+                     second_order=s_next > 0)
+    return x, kept
+
+
+def grid_nfe(sigmas) -> int:
+    """Network evaluations of `heun_trajectory` on `sigmas`: 2 per step, 1 for a step to 0."""
+    steps = len(sigmas) - 1
+    return 2 * steps - sum(1 for s in list(sigmas)[1:] if float(s) == 0.0)
 
 
 def heun(denoise_fn: DenoiseFn, process: SDE, key, shape, class_labels=None, *,
@@ -241,6 +266,27 @@ def euler_ode(denoise_fn: DenoiseFn, process: SDE, key, shape, class_labels=None
 
 
 SAMPLERS = {'euler_maruyama': euler_maruyama, 'pc': pc, 'heun': heun, 'euler_ode': euler_ode}
+
+
+def sampler_nfe(name: str, process: SDE, *, num_steps: int | None = None, n_corrector: int = 1,
+                guidance: float = 1.0, **_) -> int:
+    """Network evaluations per sample of sampler `name` with these options, without running it
+    (the counts each sampler returns; classifier-free guidance doubles them)."""
+    n = process.N if num_steps is None else num_steps
+    per_call = 1 if guidance == 1.0 else 2
+    counts = {'heun': 2 * n - 1, 'euler_ode': n, 'euler_maruyama': n,
+              'pc': n * (n_corrector + 1)}
+    if name not in counts:
+        raise ValueError(f"unknown sampler {name!r}; valid names: {sorted(SAMPLERS)}")
+    return counts[name] * per_call
+
+
+def random_class_labels(key, n: int, num_classes: int) -> jax.Array | None:
+    """One-hot labels drawn uniformly at random (EDM's and the reference implementation's
+    convention for sampling and evaluation), or None for an unconditional model."""
+    if not num_classes:
+        return None
+    return jax.nn.one_hot(jax.random.randint(key, (n,), 0, num_classes), num_classes)
 
 
 def _options(fn) -> list[str]:

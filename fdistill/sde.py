@@ -299,7 +299,8 @@ class subVPSDE(VPSDE):
 class EDM(SDE):
     """EDM (Karras et al. 2022): alpha = 1, sigma(t) = t on [sigma_min, sigma_max], i.e. dx = sqrt(2t) dw.
 
-    `precond` is EDM Table 1's preconditioning, `sample_training_sigma` its log-normal training
+    `loss_weight` is EDM Table 1's lambda(sigma) (its preconditioning lives with the networks,
+    `fdistill.models.denoiser.preconditioning`), `sample_training_sigma` its log-normal training
     distribution, `karras_sigmas` its rho-schedule (eq. 5). `N` is the number of steps of the
     stochastic samplers (Euler-Maruyama, predictor-corrector) on the Karras grid."""
     sigma_min: float = 0.002
@@ -341,15 +342,6 @@ class EDM(SDE):
 
     def inverse_scaled_sigma(self, sigma):
         return sigma
-
-    def precond(self, sigma):
-        """EDM Table 1: (c_skip, c_out, c_in, c_noise) with D(x) = c_skip x + c_out F(c_in x, c_noise)."""
-        sd2 = self.sigma_data ** 2
-        c_skip = sd2 / (sigma ** 2 + sd2)
-        c_out = sigma * self.sigma_data / jnp.sqrt(sigma ** 2 + sd2)
-        c_in = 1. / jnp.sqrt(sigma ** 2 + sd2)
-        c_noise = jnp.log(sigma) / 4.
-        return c_skip, c_out, c_in, c_noise
 
     def loss_weight(self, sigma):
         """EDM Table 1: lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2."""

@@ -102,3 +102,9 @@ def to_host(tree):
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
     return jax.tree.map(fetch, tree)
+
+
+def local_copy(tree):
+    """A training state's (possibly multi-host, sharded) arrays as arrays on this process'
+    default device, so that evaluation samples locally and reads its samples back."""
+    return jax.device_put(to_host(tree))

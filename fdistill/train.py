@@ -13,9 +13,7 @@ and stops with the step and the metric, so a good checkpoint is never overwritte
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
-import time
 from typing import Any, Callable
 
 import jax
@@ -36,7 +34,7 @@ class NonFiniteError(FloatingPointError):
 # ---------------------------------------------------------------------------------------------
 # Optimisation pieces shared by the teacher, distillation and video loops.
 
-def make_optimizer(optim, *, num_steps: int | None = None) -> optax.GradientTransformation:
+def make_optimizer(optim) -> optax.GradientTransformation:
     """Adam(W) with linear warm-up and global-norm gradient clipping.
 
     ``optim`` fields: ``lr``, ``warmup`` (steps), ``beta1``, ``beta2``, ``eps``,
@@ -72,24 +70,45 @@ def ema_update(ema, params, rate: float):
     return jax.tree.map(lambda e, p: rate * e + (1.0 - rate) * p, ema, params)
 
 
-def guard_finite(old: State, new: State, values: dict[str, jax.Array]) -> State:
-    """Keeps ``old`` (but advances ``step``) when any of ``values`` is not finite.
+def _finite_flags(new: State) -> dict[str, jax.Array]:
+    """Per top-level entry of the state (parameters, EMA, optimiser state, ...): all finite."""
+    flags = {}
+    for k, v in new.items():
+        if k in ("step", "nonfinite", "metrics"):
+            continue
+        leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(v)
+                  if jnp.issubdtype(x.dtype, jnp.inexact)]
+        if leaves:
+            flags[k] = jnp.all(jnp.stack(leaves))
+    return flags
 
-    The first offending step and the values are recorded in ``new['nonfinite']`` for the host.
+
+def guard_finite(old: State, new: State, values: dict[str, jax.Array]) -> State:
+    """Keeps ``old`` (but advances ``step``) when any of ``values`` or any entry of the updated
+    state ``new`` (parameters, EMA, optimiser state) is not finite.
+
+    The first offending step, the values and which state entries were non-finite are recorded in
+    ``new['nonfinite']`` for the host; the kept state is always the last finite one.
     """
-    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in values.values()]))
+    flags = _finite_flags(new)
+    checks = [jnp.all(jnp.isfinite(v)) for v in values.values()] + list(flags.values())
+    finite = jnp.all(jnp.stack(checks))
     kept = jax.tree.map(lambda a, b: jnp.where(finite, b, a), old, new)
-    first = old["nonfinite"]["step"] < 0
-    record = {"step": jnp.where(~finite & first, old["step"], old["nonfinite"]["step"]),
-              "values": {k: jnp.where(~finite & first, v.astype(jnp.float32),
-                                      old["nonfinite"]["values"][k])
-                         for k, v in values.items()}}
+    first = (old["nonfinite"]["step"] < 0) & ~finite
+    observed = {k: v.astype(jnp.float32) for k, v in values.items()}
+    observed.update({f"state/{k}": jnp.where(ok, 0.0, jnp.nan) for k, ok in flags.items()})
+    record = {"step": jnp.where(first, old["step"], old["nonfinite"]["step"]),
+              "values": {k: jnp.where(first, observed.get(k, 0.0), v)
+                         for k, v in old["nonfinite"]["values"].items()}}
     return dict(kept, step=old["step"] + 1, nonfinite=record)
 
 
-def nonfinite_record(names) -> dict:
+def nonfinite_record(names, state_keys=()) -> dict:
+    """The device-side record of the first non-finite step: the guarded metrics ``names`` and a
+    ``state/<key>`` flag per guarded state entry (NaN when that entry went non-finite)."""
+    keys = list(names) + [f"state/{k}" for k in state_keys]
     return {"step": jnp.asarray(-1, jnp.int32),
-            "values": {k: jnp.asarray(0.0, jnp.float32) for k in names}}
+            "values": {k: jnp.asarray(0.0, jnp.float32) for k in keys}}
 
 
 def check_finite(state: State) -> None:
@@ -100,9 +119,10 @@ def check_finite(state: State) -> None:
         shown = ", ".join(f"{k}={float(v)}" for k, v in record["values"].items()
                           if not np.isfinite(v))
         raise NonFiniteError(
-            f"non-finite values at step {step}: {shown or record['values']}. The update was "
-            f"skipped and training stopped; no checkpoint was written from that state. Lower the "
-            f"learning rate, raise gradient clipping, or inspect the batch at that step.")
+            f"non-finite values at step {step}: {shown or record['values']} (state/<name>: that "
+            f"part of the updated state). The update was skipped and training stopped; nothing "
+            f"was written from that state. Lower the learning rate, raise gradient clipping, or "
+            f"inspect the batch at that step.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -113,7 +133,7 @@ def init_state(model: nnx.Module, tx: optax.GradientTransformation,
     graphdef, params, others = split(model)
     state = {"step": jnp.asarray(0, jnp.int32), "params": params,
              "ema": jax.tree.map(jnp.copy, params), "opt_state": tx.init(params),
-             "nonfinite": nonfinite_record(metric_names)}
+             "nonfinite": nonfinite_record(metric_names, ("params", "ema", "opt_state"))}
     return graphdef, others, state
 
 
@@ -160,6 +180,14 @@ class LoopConfig:
     ckpt_every: int = 1000
     keep_checkpoints: int = 3
 
+    @classmethod
+    def from_config(cls, section) -> "LoopConfig":
+        """From a config section with ``num_steps``, ``log_every``, ``ckpt_every`` and
+        optionally ``keep_checkpoints`` (``config.training`` or ``config.distill``)."""
+        return cls(num_steps=int(section.num_steps), log_every=int(section.log_every),
+                   ckpt_every=int(section.ckpt_every),
+                   keep_checkpoints=int(section.get("keep_checkpoints", 3)))
+
 
 def fit(*, workdir: str, state: State, state_sharding, step_fn: Callable[[State, int], tuple],
         loop: LoopConfig, on_log: Callable[[int, State], dict] | None = None,
@@ -176,8 +204,10 @@ def fit(*, workdir: str, state: State, state_sharding, step_fn: Callable[[State,
     start, state = ckpt.restore_latest(state)
     start = 0 if start is None else start
     if start:
-        logging.info("resumed from %s at step %d", ckpt.directory, start)
         state = jax.device_put(state, state_sharding)
+        if jax.process_index() == 0:
+            print(f"resuming from step {start} of {loop.num_steps} ({ckpt.directory})",
+                  flush=True)
     mon = monitor.Monitor(workdir, loop.num_steps, start_step=start)
     metrics: dict = {}
     try:
@@ -199,79 +229,10 @@ def fit(*, workdir: str, state: State, state_sharding, step_fn: Callable[[State,
                 ckpt.save(done, state)
                 if on_checkpoint is not None:
                     on_checkpoint(done, state)
-        if start >= loop.num_steps:
-            logging.info("training already complete at step %d", start)
+        if start >= loop.num_steps and jax.process_index() == 0:
+            print(f"nothing to train: the checkpoint is at step {start} and num_steps is "
+                  f"{loop.num_steps}; raise num_steps to continue.", flush=True)
     finally:
         mon.close()
         ckpt.close()
     return state, {k: float(v) for k, v in sharding.to_host(metrics).items()}
-
-
-# ---------------------------------------------------------------------------------------------
-# The teacher: build, train, load, sample.
-
-def build_model(config, *, seed: int | None = None) -> nnx.Module:
-    from fdistill import models
-    return models.get_model(config, rngs=nnx.Rngs(config.seed if seed is None else seed))
-
-
-def train(config, workdir: str) -> dict:
-    """Trains a teacher diffusion model; returns (and writes to results.json) final metrics."""
-    from fdistill import data, losses
-    mesh = sharding.make_mesh()
-    sharding.check_batch_size(config.training.batch_size, mesh)
-    ds = data.get_dataset(config.data, global_batch_size=config.training.batch_size,
-                          process_index=jax.process_index(), process_count=jax.process_count(),
-                          seed=config.seed)
-    model = build_model(config)
-    tx = make_optimizer(config.optim, num_steps=config.training.num_steps)
-    graphdef, others, state = init_state(model, tx)
-    shardings = state_shardings(state, mesh, config.training.get("param_sharding", "replicated"))
-    state = jax.device_put(state, shardings)
-    step = make_teacher_step(graphdef, others, losses.get_loss_fn(config), tx,
-                             ema_rate=config.training.ema_rate,
-                             key=jax.random.key(config.seed), mesh=mesh, state_sharding=shardings)
-
-    def step_fn(state, i):
-        return step(state, sharding.global_batch(ds.batch(i), mesh))
-
-    from fdistill import evaluate
-    on_log = evaluate.training_hook(config, workdir,
-                                    lambda s: merge(graphdef, evaluate.local_copy(s["ema"]), others),
-                                    log_every=config.training.log_every)
-    t0, history = time.time(), []
-    state, metrics = fit(workdir=workdir, state=state, state_sharding=shardings, step_fn=step_fn,
-                         loop=_loop_config(config.training), history=history, on_log=on_log)
-    results = {"mode": "train", "steps": int(sharding.to_host(state["step"])),
-               "train_seconds": time.time() - t0, **{f"final/{k}": v for k, v in metrics.items()}}
-    monitor.write_results(workdir, results)
-    return dict(results, history=history, state=state)
-
-
-def _loop_config(training) -> LoopConfig:
-    return LoopConfig(num_steps=training.num_steps, log_every=training.log_every,
-                      ckpt_every=training.ckpt_every,
-                      keep_checkpoints=training.get("keep_checkpoints", 3))
-
-
-def load_model(config, workdir: str, *, use_ema: bool = True) -> tuple[nnx.Module, int]:
-    """The model of ``config`` with the (EMA) parameters of the latest good checkpoint in ``workdir``.
-
-    Fails before compiling anything when there is no checkpoint or its shapes do not match.
-    """
-    ckpt_dir = os.path.join(workdir, "checkpoints")
-    ckpt = checkpoint.Checkpointer(ckpt_dir) if os.path.isdir(ckpt_dir) else None
-    if ckpt is None or not ckpt.all_steps():
-        raise FileNotFoundError(
-            f"no checkpoint in {ckpt_dir}; train one first with `python -m fdistill.main "
-            f"--config=<its config> --workdir={workdir} --mode=train`")
-    model = build_model(config)
-    tx = make_optimizer(config.optim)
-    graphdef, others, template = init_state(model, tx)
-    try:
-        step, state = ckpt.restore_latest(template)
-    except checkpoint.CheckpointError as e:
-        raise ValueError(f"{e}. If the checkpoint is fine, check that the config's model "
-                         f"matches the one it was trained with ({workdir}).") from e
-    ckpt.close()
-    return merge(graphdef, state["ema" if use_ema else "params"], others), step

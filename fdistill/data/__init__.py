@@ -6,7 +6,9 @@ known densities) and ``images`` (digits, Fashion-MNIST, tfds CIFAR-10 / ImageNet
 
 Config fields read (``config.data``):
 
-- ``name``: toy | digits | fashion_mnist | cifar10 | imagenet64
+- ``name``: toy | digits | fashion_mnist | cifar10 | imagenet64 | video
+- video: ``num_frames``, ``size``, ``channels``, ``square``, ``speed_min``, ``speed_max``
+  (bouncing squares, ``fdistill.data.video``)
 - toys: ``toy`` (ring8 | grid25 | unbalanced | moons), ``std``, ``radius``, ``weights``
 - images: ``image_size``, ``num_classes`` (0: unconditional), ``random_flip``, ``shuffle``
   (default True), ``split`` (digits: all | train | test, default all; Fashion-MNIST: train | test;
@@ -17,7 +19,7 @@ Config fields read (``config.data``):
 """
 from __future__ import annotations
 
-from fdistill.data import images, toy
+from fdistill.data import images, toy, video
 from fdistill.data.images import ImageDataset
 from fdistill.data.toy import GaussianMixture2D, ToyDataset, get_toy
 
@@ -58,8 +60,24 @@ def _image_dataset(name, source, c, batching):
                         random_flip=bool(c.get("random_flip", False)), **batching)
 
 
+def _video(c, **batching):
+    return video.get_video_dataset(c, **batching)
+
+
 DATASETS = {"toy": _toy, "digits": _digits, "fashion_mnist": _fashion_mnist,
-            "cifar10": _cifar10, "imagenet64": _imagenet64}
+            "cifar10": _cifar10, "imagenet64": _imagenet64, "video": _video}
+
+
+def example_shape(config_data) -> tuple[int, ...]:
+    """The shape of one example of ``config_data.name``: a point, an image (H, W, C) or a clip
+    (T, H, W, C)."""
+    if config_data.name == "toy":
+        return (int(config_data.dim),)
+    if config_data.name == "video":
+        return (int(config_data.num_frames), int(config_data.size), int(config_data.size),
+                int(config_data.get("channels", 1)))
+    return (int(config_data.image_size), int(config_data.image_size),
+            int(config_data.num_channels))
 
 
 def get_dataset(config_data, *, global_batch_size: int, process_index: int = 0,

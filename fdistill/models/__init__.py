@@ -10,6 +10,9 @@
   ('standard' | 'skip' | 'residual'), `.decoder_type` ('standard' | 'skip'). A field missing from
   the config takes that architecture's EDM CIFAR-10 default (`DDPMpp.DEFAULTS`, `NCSNpp.DEFAULTS`).
 - MLP: `.hidden`, `.depth`, `.embedding_type`, `.dropout`.
+- Video transformer ('video_transformer', clips of `config.data.size` / `.channels`):
+  `.patch_size`, `.dim`, `.depth`, `.num_heads`, `.mlp_ratio`; `get_model` gives a
+  `VideoDenoiser` (EDM preconditioning per frame).
 - `.label_dropout` is read by the losses (classifier-free guidance), not here.
 - `config.data.image_size`, `.num_channels` (U-Nets), `.dim` (MLP), `.num_classes` (0 =
   unconditional; otherwise one-hot class labels of that size).
@@ -25,6 +28,7 @@ from fdistill.models.denoiser import Denoiser, preconditioning
 from fdistill.models.discriminator import Discriminator, feature_channels
 from fdistill.models.mlp import MLP
 from fdistill.models.ncsnpp import NCSNpp
+from fdistill.models.video import VideoDenoiser, VideoTransformer, build_video_transformer
 from fdistill.sde import sde_from_config
 
 UNET_FIELDS = ('model_channels', 'channel_mult', 'channel_mult_emb', 'num_blocks', 'attn_resolutions',
@@ -63,7 +67,8 @@ def build_mlp(config, *, rngs: nnx.Rngs) -> MLP:
     return MLP(config.data.dim, label_dim=config.data.get('num_classes', 0), rngs=rngs, **kw)
 
 
-NETWORKS = {'ddpmpp': build_ddpmpp, 'ncsnpp': build_ncsnpp, 'mlp': build_mlp}
+NETWORKS = {'ddpmpp': build_ddpmpp, 'ncsnpp': build_ncsnpp, 'mlp': build_mlp,
+            'video_transformer': build_video_transformer}
 
 
 def get_network(config, *, rngs: nnx.Rngs) -> nnx.Module:
@@ -74,13 +79,22 @@ def get_network(config, *, rngs: nnx.Rngs) -> nnx.Module:
     return NETWORKS[name](config, rngs=rngs)
 
 
-def get_model(config, *, rngs: nnx.Rngs) -> Denoiser:
-    """`Denoiser(net, process, precond, sigma_data)` from a full config (see the module docstring)."""
+def get_model(config, *, rngs: nnx.Rngs) -> Denoiser | VideoDenoiser:
+    """The denoiser of a full config (see the module docstring): `Denoiser(net, process, precond,
+    sigma_data)`, or a `VideoDenoiser` for the video network."""
     net = get_network(config, rngs=rngs)
     process = sde_from_config(config.process)
+    if isinstance(net, VideoTransformer):
+        return VideoDenoiser(net, process)
     return Denoiser(net, process, precond=config.model.get('precond', 'edm'),
                     sigma_data=config.process.get('sigma_data', 0.5))
 
 
+def get_discriminator(feature_net, resolutions, *, rngs: nnx.Rngs) -> Discriminator:
+    """Discriminator heads on `feature_net`'s features at `resolutions` (0: a hidden state)."""
+    return Discriminator(feature_channels(feature_net), tuple(resolutions), rngs=rngs)
+
+
 __all__ = ['DDPMpp', 'Denoiser', 'Discriminator', 'MLP', 'NCSNpp', 'NETWORKS', 'SongUNet',
-           'feature_channels', 'get_model', 'get_network', 'preconditioning']
+           'VideoDenoiser', 'VideoTransformer', 'feature_channels', 'get_discriminator',
+           'get_model', 'get_network', 'preconditioning']

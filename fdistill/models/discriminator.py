@@ -79,7 +79,8 @@ class ConvHead(nnx.Module):
 
 
 class MLPHead(nnx.Module):
-    """Head on a hidden state [B, H]: Linear-SiLU-Linear-SiLU-Linear to one logit."""
+    """Head on a hidden state [B, ..., H] (an MLP's [B, H], a video network's per-frame [B, T, H]):
+    Linear-SiLU-Linear-SiLU-Linear to one logit per position, averaged over positions: [B]."""
 
     def __init__(self, channels: int, *, rngs: nnx.Rngs):
         init = dict(init_mode='xavier_uniform')
@@ -90,13 +91,15 @@ class MLPHead(nnx.Module):
     def __call__(self, h):
         h = jax.nn.silu(self.fc0(h))
         h = jax.nn.silu(self.fc1(h))
-        return self.out(h)[:, 0]
+        logits = self.out(h)[..., 0]
+        return logits.reshape(logits.shape[0], -1).mean(axis=1)
 
 
 class Discriminator(nnx.Module):
     """Heads over selected feature resolutions: `disc(features) -> logits [B, n_heads]`, in the order
     of `resolutions`. `feature_channels` is `{resolution: channels}` of the feature network (see
-    `feature_channels(net)`); resolution 0 means the MLP's hidden state."""
+    `feature_channels(net)`); resolution 0 means a hidden state (the MLP's, or the video network's
+    per-frame features)."""
 
     def __init__(self, feature_channels: dict[int, int], resolutions: Sequence[int], *, rngs: nnx.Rngs):
         resolutions = tuple(int(r) for r in resolutions)

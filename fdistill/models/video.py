@@ -26,6 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from fdistill.models.denoiser import preconditioning
+
 ATTENTION_MODES = ("bidirectional", "block_causal", "cached")
 
 
@@ -239,8 +241,13 @@ class VideoTransformer(nnx.Module):
         if attention == "cached":
             return out, (jnp.stack(ks), jnp.stack(vs))
         if return_features:
-            return out, h.mean(axis=2)
+            return out, {0: h.mean(axis=2)}
         return out
+
+    @property
+    def feature_channels(self) -> dict[int, int]:
+        """Features returned with ``return_features``: per-frame token means ``{0: [B, T, dim]}``."""
+        return {0: self.dim}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,27 +285,43 @@ def append_to_cache(cache: dict, kv) -> dict:
 class VideoDenoiser(nnx.Module):
     """x0_hat = c_skip(sigma) x + c_out(sigma) F(c_in(sigma) x, c_noise(sigma)), per frame.
 
-    EDM (Karras et al. 2022, Table 1) with ``sigma [B, T]``: each frame has its own noise
-    level. ``sigma`` is floored at ``process.sigma_min`` so that clean context (sigma = 0, e.g.
-    finished blocks in a KV cache) gets a finite c_noise; there c_skip ~ 1 and c_out ~ 0.
+    EDM (Karras et al. 2022, Table 1) with ``sigma [B, T]`` (each frame its own noise level) or
+    ``[B]`` (one per clip). ``sigma`` is floored at ``process.sigma_min`` so that clean context
+    (sigma = 0, e.g. finished blocks in a KV cache) gets a finite c_noise; there c_skip ~ 1 and
+    c_out ~ 0. The call matches the image ``Denoiser``'s, ``den(x_t, sigma, class_labels=None)``,
+    so samplers, losses and distillation use either; video models are unconditional.
     """
 
     def __init__(self, net: VideoTransformer, process):
-        if not hasattr(process, "precond"):
+        if not hasattr(process, "sigma_data"):
             raise ValueError(f"video denoisers use EDM preconditioning; config.process.name must "
                              f"be 'edm', got {type(process).__name__}.")
         self.net, self.process = net, process
 
+    @property
+    def feature_channels(self) -> dict[int, int]:
+        return self.net.feature_channels
+
     def _coefs(self, x, sigma):
+        sigma = jnp.asarray(sigma, jnp.float32)
+        if sigma.shape == x.shape[:1]:
+            sigma = jnp.broadcast_to(sigma[:, None], x.shape[:2])
         if sigma.shape != x.shape[:2]:
-            raise ValueError(f"sigma must be per frame, shape {x.shape[:2]}; got {sigma.shape}.")
+            raise ValueError(f"sigma must be per clip {x.shape[:1]} or per frame {x.shape[:2]}; "
+                             f"got {sigma.shape}.")
         sigma = jnp.maximum(sigma, self.process.sigma_min)
-        c_skip, c_out, c_in, c_noise = self.process.precond(sigma)
+        c_skip, c_out, c_in, c_noise = preconditioning("edm", sigma, sigma,
+                                                       sigma_data=self.process.sigma_data)
         expand = lambda c: c[:, :, None, None, None]
         return expand(c_skip), expand(c_out), expand(c_in), c_noise
 
-    def __call__(self, x_t, sigma, *, attention: str = "bidirectional",
-                 block_size: int | None = None, return_features: bool = False):
+    def __call__(self, x_t, sigma, class_labels=None, *, key=None,
+                 attention: str = "bidirectional", block_size: int | None = None,
+                 return_features: bool = False):
+        del key  # no dropout
+        if class_labels is not None:
+            raise ValueError("video models are unconditional: class_labels must be None "
+                             "(config.data.num_classes = 0).")
         c_skip, c_out, c_in, c_noise = self._coefs(x_t, sigma)
         out = self.net(c_in * x_t, c_noise, attention=attention, block_size=block_size,
                        return_features=return_features)
@@ -314,13 +337,10 @@ class VideoDenoiser(nnx.Module):
         return c_skip * x_t + c_out * out, kv
 
 
-def get_video_model(config, *, rngs: nnx.Rngs) -> VideoDenoiser:
-    """``config.model`` (name 'video_transformer') + ``config.process`` (EDM) -> VideoDenoiser."""
-    from fdistill import sde
-    if config.model.name != "video_transformer":
-        raise ValueError(f"unknown video model {config.model.name!r}; valid: video_transformer.")
+def build_video_transformer(config, *, rngs: nnx.Rngs) -> VideoTransformer:
+    """The video network of ``config.model`` (patch_size, dim, depth, num_heads, mlp_ratio) for
+    clips of ``config.data`` (size, channels)."""
     m = config.model
-    net = VideoTransformer(frame_size=config.data.size, channels=config.data.get("channels", 1),
-                           patch_size=m.patch_size, dim=m.dim, depth=m.depth,
-                           num_heads=m.num_heads, mlp_ratio=m.mlp_ratio, rngs=rngs)
-    return VideoDenoiser(net, sde.sde_from_config(config.process))
+    return VideoTransformer(frame_size=config.data.size, channels=config.data.get("channels", 1),
+                            patch_size=m.patch_size, dim=m.dim, depth=m.depth,
+                            num_heads=m.num_heads, mlp_ratio=m.mlp_ratio, rngs=rngs)

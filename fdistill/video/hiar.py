@@ -33,6 +33,7 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, PartitionSpec as P
 
 from fdistill.models import video as video_models
+from fdistill.sde import karras_grid
 
 ORDERS = ("block_first", "hierarchical")
 STEP_AXIS = "step"
@@ -49,11 +50,7 @@ def step_sigmas(num_steps: int, *, sigma_max: float = 80.0, sigma_last: float = 
     ``sigma_last``, then 0 (length ``num_steps + 1``)."""
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1; got {num_steps}.")
-    if num_steps == 1:
-        return np.asarray([sigma_max, 0.0], np.float32)
-    u = np.linspace(0.0, 1.0, num_steps)
-    s = (sigma_max ** (1 / rho) + u * (sigma_last ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
-    return np.append(s, 0.0).astype(np.float32)
+    return np.asarray(karras_grid(sigma_last, sigma_max, num_steps, rho), np.float32)
 
 
 def draw_noise(key, num_steps: int, shape) -> jax.Array:
@@ -255,27 +252,7 @@ def _pipeline_fn(graphdef, sigmas, block_size, window, mesh, shape):
 
 
 # ---------------------------------------------------------------------------------------------
-# The teacher's sampler.
-
-def heun(model, x_T, sigmas, *, record=()) -> tuple[jax.Array, list[jax.Array]]:
-    """EDM Algorithm 1 (deterministic Heun, 2nd order) on the bidirectional teacher.
-
-    ``x_T [B, T, ...]`` at ``sigmas[0]``; ``sigmas`` decreasing to 0. Returns the sample and the
-    states at the grid indices in ``record`` (e.g. the student's levels, for ODE pairs).
-    """
-    x, kept = x_T, []
-    for i in range(len(sigmas) - 1):
-        if i in record:
-            kept.append(x)
-        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
-        d = (x - model(x, _level(x, s))) / s
-        x_next = x + (s_next - s) * d
-        if s_next > 0:
-            d_next = (x_next - model(x_next, _level(x, s_next))) / s_next
-            x_next = x + (s_next - s) * 0.5 * (d + d_next)
-        x = x_next
-    return x, kept
-
+# The teacher's ODE through the student's levels (ODE pairs for initialisation and regularisation).
 
 def teacher_grid(student_sigmas, substeps: int, *, sigma_min: float = 0.002,
                  rho: float = 7.0) -> tuple[np.ndarray, list[int]]:
@@ -287,22 +264,6 @@ def teacher_grid(student_sigmas, substeps: int, *, sigma_min: float = 0.002,
     grid, where = [], []
     for hi, lo in zip(s, ends):
         where.append(len(grid))
-        u = np.arange(substeps) / substeps
-        grid.extend((hi ** (1 / rho) + u * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho)
+        grid.extend(np.asarray(karras_grid(lo, hi, substeps + 1, rho))[:substeps])
     grid.extend([sigma_min, 0.0])
     return np.asarray(grid, np.float32), where
-
-
-def heun_nfe(grid) -> int:
-    """Network evaluations of ``heun`` on ``grid`` (2 per step, 1 for the step to 0)."""
-    n = len(grid) - 1
-    return 2 * n - int(np.sum(np.asarray(grid)[1:] == 0))
-
-
-def teacher_sample(model, key, shape, *, num_steps: int = 18, process=None) -> jax.Array:
-    """Bidirectional teacher clips ``shape = (B, T, H, W, C)`` with Heun on the Karras grid."""
-    process = model.process if process is None else process
-    sigmas = np.asarray(process.karras_sigmas(num_steps))
-    graphdef, state = nnx.split(model)
-    fn = jax.jit(lambda st, z: heun(nnx.merge(graphdef, st), z * sigmas[0], sigmas)[0])
-    return fn(state, jax.random.normal(key, shape))

@@ -1,5 +1,9 @@
-"""Sample-quality modes: ``--mode=fid_stats`` (reference statistics), ``--mode=eval`` (score a
-checkpoint), and periodic evaluation with a best checkpoint for the training loops.
+"""Scoring generated samples: feature networks, reference statistics, sample metrics, periodic
+evaluation with a best checkpoint.
+
+Every function here takes a *draw function* ``draw_batch(i) -> (images [B, H, W, C] in [-1, 1],
+class indices [B] or None)``; what draws the samples (a teacher's sampler, a one-step student) is
+the caller's business (``fdistill.modes``), so evaluation never imports training or distillation.
 
 Features (``config.eval.features``):
 
@@ -17,23 +21,19 @@ Features (``config.eval.features``):
 Protocol (``fdistill.evaluation.fid``): a reported number uses 50,000 samples; fewer need
 ``config.eval.monitoring=True`` and the metric names carry the count (``fid_10k``). Dataset and
 generated images go through the same uint8 quantisation (EDM's rule), as saved PNGs would.
-results.json records the sample count, reference file and its hash, the feature network's weights
-file and hash, the sampler and the network evaluations per sample (nfe).
 """
 from __future__ import annotations
 
 import functools
 import json
 import os
-import time
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from fdistill import checkpoint, generate, monitor
+from fdistill import checkpoint
+from fdistill import workdir as workdir_lib
 from fdistill.evaluation import classifier as classifier_lib
 from fdistill.evaluation import fid as fid_lib
 from fdistill.evaluation import inception as inception_lib
@@ -77,6 +77,7 @@ class ClassifierFeatures:
 
     def __init__(self, clf: classifier_lib.InDomainClassifier, path: str):
         self.clf, self.name = clf, clf.name
+        self.feature_dim = classifier_lib.NUM_FEATURES
         self.weights_path = os.path.abspath(path)
         self.weights_sha256 = inception_lib.file_sha256(path)
         self.predictions: list[np.ndarray] = []
@@ -88,6 +89,18 @@ class ClassifierFeatures:
         feats, logits = self.clf(inception_lib.check_images(images_uint8))
         self.predictions.append(logits.argmax(axis=1))
         return feats, logits
+
+
+def check_dimensions(ref: dict, net, path: str) -> None:
+    """Fails before anything is sampled when the reference statistics were computed in features
+    of another dimension than ``net``'s (another feature network)."""
+    dim = int(getattr(net, "feature_dim", inception_lib.NUM_FEATURES))
+    got = int(np.shape(ref["mu"])[0])
+    if got != dim:
+        raise ValueError(f"reference statistics {path} are {got}-dimensional but the feature "
+                         f"network ({getattr(net, 'name', 'inception')}) gives {dim}-d features: "
+                         f"they were computed with other features. Recompute them with "
+                         f"--mode=fid_stats and the same config.eval.features.")
 
 
 def feature_network(config, workdir: str):
@@ -129,92 +142,10 @@ def headline_metric(config, num_samples: int, *, monitoring: bool) -> str:
     return f"fd_{config.data.name}{suffix}"
 
 
-def fid_stats(config, workdir: str) -> dict:
-    """``--mode=fid_stats``: (mu, sigma) and up to 10k real features of the dataset
-    (``config.data`` with its configured split, train by default) in ``config.eval.features``,
-    written to ``config.eval.ref_stats`` (default ``<workdir>/ref_stats.npz``).
-
-    Uses the first ``config.eval.num_samples`` images, or all of them when the split is smaller
-    (EDM's CIFAR-10 reference: all 50,000 training images).
-    """
-    from fdistill import data
-    _check_features(config)
-    path = ref_stats_path(config, workdir)
-    net = feature_network(config, workdir)
-    ds = data.get_dataset(config.data, global_batch_size=1, seed=config.seed)
-    n = min(int(config.eval.num_samples), int(ds.num_examples))
-    t0 = time.time()
-    protocol = fid_lib.write_reference_stats(path, ds, net, n, int(config.eval.batch_size),
-                                             progress=jax.process_index() == 0)
-    protocol.update(path=path, features=config.eval.features,
-                    feature_weights=str(getattr(net, "weights_path", "")),
-                    split=str(config.data.get("split", "default")),
-                    dataset_num_examples=int(ds.num_examples), seconds=time.time() - t0)
-    if isinstance(net, ClassifierFeatures):
-        protocol["classifier_test_accuracy"] = net.clf.test_accuracy
-    results = {"fid_stats/protocol": protocol}
-    monitor.write_results(workdir, results)
-    if jax.process_index() == 0:
-        print(f"reference statistics of {n} {config.data.name} images ({config.eval.features} "
-              f"features) -> {path}", flush=True)
-    return results
-
-
-# ---------------------------------------------------------------------------------------------
-# A teacher's sampler, compiled once per network structure.
-
-class TeacherSampler:
-    """``sampler(state, key, labels) -> x`` for a teacher Denoiser with ``config.sampling``'s
-    sampler, jitted over the network state so that new weights (periodic evaluation) reuse the
-    compiled sampler. ``nfe``: network evaluations per sample (known after the first call)."""
-
-    def __init__(self, config, graphdef, batch_size: int):
-        from fdistill import sampling, sde
-        s = config.sampling
-        sampler = sampling.get_sampler(s.sampler, num_steps=s.num_steps, snr=s.snr,
-                                       n_corrector=s.n_corrector)
-        process = sde.sde_from_config(config.process)
-        shape = (batch_size,) + generate.example_shape(config)
-        self.guidance = float(s.guidance) if config.data.num_classes else 1.0
-        self._nfe: list[int] = []
-
-        def draw(state, key, labels):
-            net = nnx.merge(graphdef, state)
-
-            def denoise_fn(x, t, c):
-                return net(x, t, c)
-
-            if self.guidance != 1.0:
-                denoise_fn = sampling.guided(denoise_fn, self.guidance)
-            x, nfe = sampler(denoise_fn, process, key, shape, labels)
-            self._nfe.append(nfe)
-            return x
-
-        self._draw = jax.jit(draw)
-
-    @property
-    def nfe(self) -> int:
-        if not self._nfe:
-            raise RuntimeError("the number of network evaluations is known once the sampler ran")
-        return int(self._nfe[0])
-
-    def __call__(self, state, key, labels):
-        return self._draw(state, key, labels)
-
-
-def _labels(num_classes: int, batch_size: int):
-    """Class indices cycling through the classes (generate.class_labels' order), or None."""
-    return np.arange(batch_size) % num_classes if num_classes else None
-
-
-def _one_hot(labels, num_classes: int):
-    return None if labels is None else jax.nn.one_hot(jnp.asarray(labels), num_classes)
-
-
 # ---------------------------------------------------------------------------------------------
 # Scoring.
 
-def score(config, net, ref, draw_batch: Callable[[int], tuple], num_samples: int, *,
+def sample_metrics(config, net, ref, draw_batch: Callable[[int], tuple], num_samples: int, *,
           monitoring: bool, progress: bool = True) -> dict:
     """Metrics of ``num_samples`` generated images against ``ref`` (path or dict) in ``net``'s
     features. ``draw_batch(i) -> (images [B, H, W, C] in [-1, 1], class indices [B] or None)``.
@@ -248,66 +179,14 @@ def score(config, net, ref, draw_batch: Callable[[int], tuple], num_samples: int
     return out
 
 
-def evaluate(config, workdir: str) -> dict:
-    """``--mode=eval``: scores the checkpoint in ``workdir``.
-
-    A teacher (``config.sampling``'s sampler and steps, EMA weights) or, when the config has a
-    ``distill`` section, the EMA student (``student_steps`` network evaluations, 1 by default).
-    ``config.eval.num_samples`` samples (50,000 unless ``config.eval.monitoring``) in batches of
-    ``config.eval.batch_size``, labels cycling through the classes for conditional models.
-    The protocol, reference file, weights and checkpoint are checked before anything is sampled.
-    """
-    n, monitoring = int(config.eval.num_samples), bool(config.eval.monitoring)
-    fid_lib.metric_suffix(n, monitoring=monitoring)
-    ref_path = ref_stats_path(config, workdir)
-    fid_lib.load_stats(ref_path)
-    net = feature_network(config, workdir)
-    bs = int(config.eval.batch_size)
-    k = int(config.data.num_classes)
-    key = jax.random.key(config.seed + 3)
-    if "distill" in config:
-        from fdistill import distill, sharding
-        distiller, state = distill.load_student(config, workdir)
-        draw, params = distiller.sample_fn(bs), state["student_ema"]
-        generator = {"model": "student", "nfe": len(distiller.objective.student_sigmas),
-                     "checkpoint_step": int(sharding.to_host(state["step"]))}
-    else:
-        from fdistill import train
-        model, step = train.load_model(config, workdir)
-        graphdef, params = nnx.split(model)
-        draw = TeacherSampler(config, graphdef, bs)
-        generator = {"model": "teacher", "sampler": config.sampling.sampler,
-                     "sampler_steps": int(config.sampling.num_steps),
-                     "guidance": draw.guidance, "checkpoint_step": int(step)}
-
-    def draw_batch(i):
-        labels = _labels(k, bs)
-        return draw(params, jax.random.fold_in(key, i), _one_hot(labels, k)), labels
-
-    t0 = time.time()
-    out = score(config, net, ref_path, draw_batch, n, monitoring=monitoring,
-                progress=jax.process_index() == 0)
-    if generator["model"] == "teacher":
-        generator["nfe"] = draw.nfe
-    protocol = dict(out.pop("protocol"), **generator, batch_size=bs, seed=int(config.seed),
-                    seconds=time.time() - t0)
-    results = {f"eval/{name}": v for name, v in out.items()}
-    results["eval/protocol"] = protocol
-    monitor.write_results(workdir, results)
-    if jax.process_index() == 0:
-        shown = "  ".join(f"{name}={v:.4g}" for name, v in out.items())
-        print(f"{generator['model']} ({generator['nfe']} nfe), {n} samples: {shown}", flush=True)
-    return results
-
-
 # ---------------------------------------------------------------------------------------------
 # Periodic evaluation during training, and the best checkpoint.
 
 class PeriodicEval:
-    """``evaluator(step, model) -> {'eval/<metric>': value}``: monitoring metrics of a teacher
-    Denoiser (pass the EMA weights) from ``config.eval.periodic_num_samples`` samples, named by
-    the count (``eval/fid_10k``, ``eval/fd_digits_2k``). The sampler is compiled on the first call
-    and reused; every call uses the same noise, so successive values differ by the weights only.
+    """``evaluator(draw_batch) -> {'eval/<metric>': value}``: monitoring metrics of any generator
+    from ``config.eval.periodic_num_samples`` samples, named by the count (``eval/fid_10k``,
+    ``eval/fd_digits_2k``). ``key`` and ``batch_size`` are the ones draw functions should use
+    (the same noise at every evaluation, so successive values differ by the weights only);
     ``metric`` is the headline name that BestCheckpoint tracks.
     """
 
@@ -318,36 +197,15 @@ class PeriodicEval:
         self.metric = "eval/" + headline_metric(config, self.num_samples, monitoring=True)
         self.ref = fid_lib.load_stats(ref_stats_path(config, workdir))
         self.net = feature_network(config, workdir)
+        check_dimensions(self.ref, self.net, ref_stats_path(config, workdir))
         self.batch_size = min(int(config.eval.batch_size), self.num_samples)
         self.key = jax.random.key(config.seed + 4)
-        self._sampler: TeacherSampler | None = None
 
-    def score_draw(self, draw_batch: Callable[[int], tuple]) -> dict:
-        """The metrics of any generator: ``draw_batch(i) -> (images, class indices or None)``
-        (e.g. a student's one-step sampler during distillation)."""
-        out = score(self.config, self.net, self.ref, draw_batch, self.num_samples,
-                    monitoring=True, progress=self.progress)
+    def __call__(self, draw_batch: Callable[[int], tuple]) -> dict:
+        out = sample_metrics(self.config, self.net, self.ref, draw_batch, self.num_samples,
+                             monitoring=True, progress=self.progress)
         out.pop("protocol")
         return {f"eval/{k}": v for k, v in out.items()}
-
-    def __call__(self, step: int, model: nnx.Module) -> dict:
-        del step  # the same noise at every step
-        graphdef, state = nnx.split(model)
-        if self._sampler is None:
-            self._sampler = TeacherSampler(self.config, graphdef, self.batch_size)
-        k = int(self.config.data.num_classes)
-
-        def draw_batch(i):
-            labels = _labels(k, self.batch_size)
-            x = self._sampler(state, jax.random.fold_in(self.key, i), _one_hot(labels, k))
-            return x, labels
-
-        return self.score_draw(draw_batch)
-
-
-def periodic_eval(config, workdir: str) -> PeriodicEval:
-    """The evaluator for training loops (see ``PeriodicEval`` and ``training_hook``)."""
-    return PeriodicEval(config, workdir)
 
 
 def lower_is_better(metric: str) -> bool:
@@ -395,69 +253,31 @@ class BestCheckpoint:
             ckpt.close()
         self.best = {"metric": self.metric, "value": value, "step": int(step)}
         if jax.process_index() == 0:
-            with open(self.record_path, "w") as f:
-                json.dump(self.best, f, indent=2)
+            workdir_lib.write_json(self.record_path, self.best)
         return True
 
 
-def local_copy(params):
-    """The training state's (possibly multi-host, sharded) parameters as arrays on this process'
-    default device, so that evaluation samples locally and reads its samples back."""
-    from fdistill import sharding
-    return jax.device_put(sharding.to_host(params))
-
-
-def periodic_hook(config, workdir: str, score_state: Callable[[PeriodicEval, dict], dict], *,
-                  every: int, log_every: int = 1) -> Callable[[int, dict], dict] | None:
+def periodic_hook(config, workdir: str, draw_for_state: Callable, *, every: int,
+                  log_every: int = 1) -> Callable[[int, dict], dict] | None:
     """``hook(step, state) -> metrics`` for ``train.fit(on_log=...)``: at steps that are
-    multiples of ``every``, ``score_state(evaluator, state)``, keeping the best state in
-    ``<workdir>/best``; ``{}`` at other steps. None when ``every`` is 0. fit calls on_log at log
-    steps only, so ``every`` must be a multiple of the loop's ``log_every``."""
+    multiples of ``every``, the metrics of ``draw_for_state(state, key, batch_size) ->
+    draw_batch``, keeping the best state in ``<workdir>/best``; ``{}`` at other steps. None when
+    ``every`` is 0. fit calls on_log at log steps only, so ``every`` must be a multiple of the
+    loop's ``log_every``."""
     every = int(every)
     if every <= 0:
         return None
     if every % int(log_every):
         raise ValueError(f"evaluation every={every} steps must be a multiple of the log interval "
                          f"{log_every} (evaluation runs at log steps)")
-    evaluator = periodic_eval(config, workdir)
+    evaluator = PeriodicEval(config, workdir)
     best = BestCheckpoint(workdir, evaluator.metric)
 
     def hook(step: int, state) -> dict:
         if step % every:
             return {}
-        metrics = score_state(evaluator, state)
+        metrics = evaluator(draw_for_state(state, evaluator.key, evaluator.batch_size))
         best.update(step, metrics, state)
         return metrics
 
     return hook
-
-
-def training_hook(config, workdir: str, to_model: Callable, *, log_every: int = 1
-                  ) -> Callable[[int, dict], dict] | None:
-    """The teacher loop's ``periodic_hook``: every ``config.eval.every`` steps, the metrics of
-    ``to_model(state)`` (the EMA teacher) with ``config.sampling``'s sampler."""
-    return periodic_hook(config, workdir, lambda ev, state: ev(0, to_model(state)),
-                         every=config.eval.every, log_every=log_every)
-
-
-def student_hook(config, workdir: str, distiller, *, log_every: int = 1
-                 ) -> Callable[[int, dict], dict] | None:
-    """The distill loop's ``periodic_hook``: every ``config.distill.eval_every`` iterations, the
-    metrics of the EMA student (its one- or few-step sampler, compiled once)."""
-    every = int(config.distill.get("eval_every", 0))
-    if every <= 0:
-        return None
-    k = int(config.data.num_classes)
-    bs = min(int(config.eval.batch_size), int(config.eval.periodic_num_samples))
-    draw = distiller.sample_fn(bs)
-
-    def score_state(evaluator: PeriodicEval, state) -> dict:
-        params = local_copy(state["student_ema"])
-
-        def draw_batch(i):
-            labels = _labels(k, bs)
-            key = jax.random.fold_in(evaluator.key, i)
-            return draw(params, key, _one_hot(labels, k)), labels
-        return evaluator.score_draw(draw_batch)
-
-    return periodic_hook(config, workdir, score_state, every=every, log_every=log_every)

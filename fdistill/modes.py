@@ -1,0 +1,676 @@
+"""The command-line modes: each loads what it needs, runs a loop or a sampler, writes results.
+
+    train       a teacher (images, toys or video), resumed from <workdir>/checkpoints
+    sample      samples of the teacher or the student in <workdir>
+    likelihood  NLL / bits per dim of the teacher through the probability-flow ODE
+    distill     f-distill of the teacher in config.distill.teacher_workdir into a student
+    fid_stats   reference statistics of the dataset in config.eval.features
+    eval        FID / fd_<dataset> (+ IS, precision/recall) of the teacher or student in <workdir>
+
+Every mode records its config in ``<workdir>/config.json``. The modes that build on a run read
+that run's record: a distillation takes the teacher's ``model``, ``process`` and ``data``
+sections from ``<teacher_workdir>/config.json`` (its own config carries the ``distill`` section
+and the overrides: ``seed``, ``eval``, ``sampling``, ``student``, ``data.data_dir``), and
+sample / eval / likelihood take them (and a student's ``distill`` / ``student`` sections) from
+the workdir they read. The loops and steps below know no modes; evaluation is handed sampling
+functions and never builds models.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from fdistill import (checkpoint, data, divergences, losses, models, monitor, sampling, sde,
+                      sharding, train)
+from fdistill import distill as distill_lib
+from fdistill import likelihood as likelihood_lib
+from fdistill import objective as objective_lib
+from fdistill import student as student_lib
+from fdistill import workdir as workdir_lib
+from fdistill.evaluation import fid as fid_lib
+from fdistill.evaluation import scoring
+from fdistill.evaluation import toy as toy_eval
+from fdistill.video import distill as video_distill
+from fdistill.video import metrics as video_metrics
+
+TEACHER_SECTIONS = ("model", "process", "data")
+STUDENT_SECTIONS = ("distill", "student")
+
+
+# =================================================================================================
+# Configs recorded in workdirs.
+
+def resolve_config(config, recorded, sections=TEACHER_SECTIONS) -> ml_collections.ConfigDict:
+    """``config`` with ``sections`` replaced by those of a run's ``recorded`` config (an explicit
+    ``data.data_dir`` in ``config`` is kept: data may live elsewhere on this machine)."""
+    out = ml_collections.ConfigDict(config.to_dict())
+    data_dir = config.get("data", {}).get("data_dir", "") if "data" in config else ""
+    for name in sections:
+        if name in recorded:
+            out[name] = ml_collections.ConfigDict(recorded[name].to_dict())
+    if data_dir:
+        out.data.data_dir = data_dir
+    return out
+
+
+def recorded_mode(workdir: str) -> str | None:
+    """The mode that produced ``workdir`` (from its config.json), or None."""
+    path = os.path.join(workdir, workdir_lib.CONFIG_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f).get("mode")
+
+
+def is_student_workdir(workdir: str) -> bool:
+    return recorded_mode(workdir) == "distill"
+
+
+def run_config(config, workdir: str) -> ml_collections.ConfigDict:
+    """The config to sample / evaluate the run in ``workdir`` with: the run's own networks
+    (teacher sections, and the student's sections for a distillation) and ``config``'s
+    settings for the rest."""
+    if not os.path.isfile(os.path.join(workdir, workdir_lib.CONFIG_FILE)):
+        return config
+    recorded = workdir_lib.read_config(workdir)
+    sections = TEACHER_SECTIONS + (STUDENT_SECTIONS if is_student_workdir(workdir) else ())
+    return resolve_config(config, recorded, sections)
+
+
+def is_video(config) -> bool:
+    return config.data.name == "video"
+
+
+# =================================================================================================
+# Building blocks: models, data, samplers, saved samples.
+
+def build_model(config, *, seed: int | None = None) -> nnx.Module:
+    return models.get_model(config, rngs=nnx.Rngs(config.seed if seed is None else seed))
+
+
+def load_teacher(config, workdir: str, *, use_ema: bool | None = None) -> tuple[nnx.Module, int]:
+    """The model of ``config`` with the (EMA) parameters of the newest good checkpoint in
+    ``workdir`` (the EMA unless ``config.training.sample_with_ema`` is False). Fails before
+    compiling anything when there is no checkpoint or its shapes do not match."""
+    if use_ema is None:
+        use_ema = bool(config.training.get("sample_with_ema", True))
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    ckpt = checkpoint.Checkpointer(ckpt_dir) if os.path.isdir(ckpt_dir) else None
+    if ckpt is None or not ckpt.all_steps():
+        raise FileNotFoundError(
+            f"no checkpoint in {ckpt_dir}; train one first with `python -m fdistill.main "
+            f"--config=<its config> --workdir={workdir} --mode=train`")
+    graphdef, others, template = train.init_state(build_model(config),
+                                                  train.make_optimizer(config.optim))
+    try:
+        step, state = ckpt.restore_latest(template)
+    except checkpoint.CheckpointError as e:
+        raise ValueError(f"{e}. If the checkpoint is fine, check that the config's model "
+                         f"matches the one it was trained with ({workdir}).") from e
+    finally:
+        ckpt.close()
+    return train.merge(graphdef, state["ema" if use_ema else "params"], others), step
+
+
+def dataset(config, global_batch_size: int, *, seed: int | None = None):
+    return data.get_dataset(config.data, global_batch_size=global_batch_size,
+                            process_index=jax.process_index(), process_count=jax.process_count(),
+                            seed=config.seed if seed is None else seed)
+
+
+def with_one_hot_labels(batch: dict, num_classes: int) -> dict:
+    """A data batch as the networks take it: ``{'x', 'label'}`` with one-hot labels (None when
+    unconditional)."""
+    labels = None
+    if num_classes:
+        labels = np.eye(num_classes, dtype=np.float32)[np.asarray(batch["label"])]
+    return {"x": batch["x"], "label": labels}
+
+
+def label_draws(config, key, batch_size: int):
+    """``labels(i) -> (one-hot or None, class indices or None)`` for sample batch i: classes
+    drawn uniformly at random from ``key`` (EDM's convention), the same for every call."""
+    k = int(config.data.get("num_classes", 0))
+
+    def labels(i):
+        one_hot = sampling.random_class_labels(jax.random.fold_in(key, i), batch_size, k)
+        return one_hot, (None if one_hot is None else np.asarray(one_hot.argmax(axis=-1)))
+
+    return labels
+
+
+class TeacherSampler:
+    """``sampler(params, key, labels) -> x`` for the teacher with ``config.sampling``'s sampler
+    (or ``sampler_name`` / ``num_steps``), jitted over the parameters so that new weights
+    (periodic evaluation) reuse the compiled sampler. ``nfe``: network evaluations per sample."""
+
+    def __init__(self, config, graphdef, others, batch_size: int, *,
+                 sampler_name: str | None = None, num_steps: int | None = None):
+        s = config.sampling
+        name, steps = sampler_name or s.sampler, num_steps or s.num_steps
+        sampler = sampling.get_sampler(name, num_steps=steps, snr=s.snr,
+                                       n_corrector=s.n_corrector)
+        process = sde.sde_from_config(config.process)
+        shape = (batch_size,) + data.example_shape(config.data)
+        self.guidance = float(s.guidance) if config.data.get("num_classes", 0) else 1.0
+        self.nfe = sampling.sampler_nfe(name, process, num_steps=steps,
+                                        n_corrector=s.n_corrector, guidance=self.guidance)
+        self.name, self.num_steps = name, steps
+
+        def draw(params, key, labels):
+            net = train.merge(graphdef, params, others)
+            denoise_fn = lambda x, t, c: net(x, t, c)
+            if self.guidance != 1.0:
+                denoise_fn = sampling.guided(denoise_fn, self.guidance)
+            return sampler(denoise_fn, process, key, shape, labels)[0]
+
+        self._draw = jax.jit(draw)
+
+    def __call__(self, params, key, labels):
+        return self._draw(params, key, labels)
+
+
+def teacher_sampler(config, model, batch_size: int, **options):
+    """(sampler, params) for a loaded teacher ``model``."""
+    graphdef, params, others = train.split(model)
+    return TeacherSampler(config, graphdef, others, batch_size, **options), params
+
+
+def draw_samples(draw, params, config, n: int, batch_size: int, key) -> np.ndarray:
+    """n samples from ``draw(params, key, labels)`` in batches, labels drawn at random."""
+    labels = label_draws(config, jax.random.fold_in(key, 1), batch_size)
+    out = []
+    for i in range(-(-n // batch_size)):
+        out.append(np.asarray(draw(params, jax.random.fold_in(key, i), labels(i)[0])))
+    return np.concatenate(out)[:n]
+
+
+def toy_extent(config) -> float:
+    return 1.5 * config.data.radius + 4 * config.data.std + 0.5
+
+
+def toy_metrics(config, x: np.ndarray, seed: int = 0) -> dict:
+    """Mode recall / precision, mode weights and KL estimates against the toy's true density."""
+    ds = data.get_dataset(config.data, global_batch_size=8, seed=config.seed)
+    return {k: float(v) for k, v in toy_eval.toy_metrics(ds, x, jax.random.key(seed)).items()}
+
+
+def data_clips(config, n: int = 256) -> np.ndarray:
+    return dataset(config, n, seed=config.seed + 7).batch(0)["x"]
+
+
+def save_samples(config, workdir: str, x: np.ndarray, name: str) -> str:
+    """Writes ``name.npz`` and a picture: a density plot (toys), a GIF (video), an image grid."""
+    if jax.process_index() != 0:
+        return ""
+    np.savez(os.path.join(workdir, f"{name}.npz"), samples=x)
+    if is_video(config):
+        path = os.path.join(workdir, f"{name}.gif")
+        video_metrics.save_gif(path, x[:16])
+    elif config.data.name == "toy":
+        path = os.path.join(workdir, f"{name}.png")
+        monitor.save_png(path, monitor.density_image(x, extent=toy_extent(config)))
+    else:
+        path = os.path.join(workdir, f"{name}.png")
+        monitor.save_png(path, monitor.image_grid(x[:64]), scale=4 if x.shape[1] <= 16 else 2)
+    return path
+
+
+def sample_report(config, x: np.ndarray, prefix: str) -> dict:
+    """What can be measured on samples without a feature network: toy metrics against the true
+    density, or video motion against the data's."""
+    if config.data.name == "toy":
+        return {f"{prefix}/{k}": v for k, v in toy_metrics(config, x).items()}
+    if is_video(config):
+        square = config.data.get("square", 4.0)
+        stats = video_metrics.motion_stats(x, square=square)
+        stats["speed_ratio"] = stats["speed"] / video_metrics.motion_stats(
+            data_clips(config), square=square)["speed"]
+        return {f"{prefix}/{k}": float(v) for k, v in stats.items()}
+    return {}
+
+
+def _print(message: str) -> None:
+    if jax.process_index() == 0:
+        print(message, flush=True)
+
+
+# =================================================================================================
+# Teacher modes.
+
+def train_teacher(config, workdir: str) -> dict:
+    """``--mode=train``: trains the teacher of ``config`` (images, toys or video); returns (and
+    writes to results.json) its final metrics. Resumes from ``workdir/checkpoints``."""
+    workdir_lib.write_config(workdir, config, mode="train")
+    mesh = sharding.make_mesh()
+    t = config.training
+    sharding.check_batch_size(t.batch_size, mesh)
+    ds = dataset(config, t.batch_size)
+    tx = train.make_optimizer(config.optim)
+    graphdef, others, state = train.init_state(build_model(config), tx)
+    shardings = train.state_shardings(state, mesh, t.get("param_sharding", "replicated"))
+    state = jax.device_put(state, shardings)
+    step = train.make_teacher_step(graphdef, others, losses.get_loss_fn(config), tx,
+                                   ema_rate=t.ema_rate, key=jax.random.key(config.seed),
+                                   mesh=mesh, state_sharding=shardings)
+
+    def step_fn(state, i):
+        return step(state, sharding.global_batch(ds.batch(i), mesh))
+
+    sampler: list[TeacherSampler] = []
+
+    def draw_for_state(state, key, batch_size):
+        if not sampler:
+            sampler.append(TeacherSampler(config, graphdef, others, batch_size))
+        params = sharding.local_copy(state["ema"])
+        labels = label_draws(config, jax.random.fold_in(key, 1), batch_size)
+
+        def draw_batch(i):
+            one_hot, idx = labels(i)
+            return sampler[0](params, jax.random.fold_in(key, i), one_hot), idx
+
+        return draw_batch
+
+    on_log = None
+    if not is_video(config) and config.data.name != "toy":
+        on_log = scoring.periodic_hook(config, workdir, draw_for_state,
+                                       every=config.eval.get("every", 0), log_every=t.log_every)
+    t0, history = time.time(), []
+    state, metrics = train.fit(workdir=workdir, state=state, state_sharding=shardings,
+                               step_fn=step_fn, loop=train.LoopConfig.from_config(t),
+                               history=history, on_log=on_log)
+    results = {"mode": "train", "steps": int(sharding.to_host(state["step"])),
+               "train_seconds": time.time() - t0, **{f"final/{k}": v for k, v in metrics.items()}}
+    monitor.write_results(workdir, results)
+    if is_video(config):
+        results.update(sample(config, workdir))
+    return dict(results, history=history, state=state)
+
+
+def sample_teacher(config, workdir: str) -> dict:
+    model, step = load_teacher(config, workdir)
+    s = config.sampling
+    draw, params = teacher_sampler(config, model, s.batch_size)
+    t0 = time.time()
+    x = draw_samples(draw, params, config, s.num_samples, s.batch_size,
+                     jax.random.key(config.seed + 1))
+    seconds = time.time() - t0
+    path = save_samples(config, workdir, x, "samples")
+    results = {"sample/sampler": draw.name, "sample/nfe": draw.nfe, "sample/num_samples": len(x),
+               "sample/checkpoint_step": step, "sample/seconds_per_sample": seconds / len(x),
+               **sample_report(config, x, "sample")}
+    monitor.write_results(workdir, results)
+    _print(f"{len(x)} samples, {draw.nfe} network evaluations each -> {path}")
+    return results
+
+
+def likelihood(config, workdir: str) -> dict:
+    """``--mode=likelihood``: negative log-likelihood through the probability-flow ODE.
+
+    Images: bits/dim of ``config.eval.num_examples`` dataset images with uniform dequantisation
+    and a Hutchinson trace. 2-D toys: NLL in nats of points drawn from the true density, with the
+    exact trace, next to the true density's own NLL; their difference estimates KL(p || model).
+    """
+    config = run_config(config, workdir)
+    workdir_lib.write_config(os.path.join(workdir, "likelihood"), config, mode="likelihood")
+    model, step = load_teacher(config, workdir)
+    process = sde.sde_from_config(config.process)
+    n = config.eval.num_examples
+    key = jax.random.key(config.seed + 2)
+    ds = data.get_dataset(config.data, global_batch_size=min(n, config.sampling.batch_size),
+                          seed=config.seed)
+    t0 = time.time()
+    if config.data.name == "toy":
+        x = ds.sample(key, n)
+        nll, _, nfe = likelihood_lib.log_likelihood(model, process, key, x, hutchinson="exact")
+        nll = -nll
+        true_nll = -np.asarray(ds.log_prob(x))
+        results = {"likelihood/nll_nats": float(nll.mean()),
+                   "likelihood/true_nll_nats": float(true_nll.mean()),
+                   "likelihood/kl_pq_estimate": float((nll - true_nll).mean())}
+    else:
+        bpd_fn = likelihood_lib.get_bpd_fn(model, process, hutchinson=config.eval.hutchinson)
+        bs, values, nfe = config.sampling.batch_size, [], 0
+        k = int(config.data.get("num_classes", 0))
+        for i in range(0, min(n, ds.num_examples), bs):
+            ex = ds.examples(np.arange(i, min(i + bs, n, ds.num_examples)))
+            labels = with_one_hot_labels(ex, k)["label"]
+            bpd, _, nfe = bpd_fn(jax.random.fold_in(key, i), ex["x"], labels)
+            values.append(np.asarray(bpd))
+        values = np.concatenate(values)
+        results = {"likelihood/bits_per_dim": float(values.mean()),
+                   "likelihood/bits_per_dim_stderr": float(values.std() / np.sqrt(len(values)))}
+    results.update({"likelihood/num_examples": n, "likelihood/nfe_last_batch": nfe,
+                    "likelihood/checkpoint_step": step, "likelihood/seconds": time.time() - t0})
+    monitor.write_results(workdir, results)
+    _print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                     for k, v in results.items()))
+    return results
+
+
+# =================================================================================================
+# Distillation.
+
+def teacher_of(config) -> tuple[ml_collections.ConfigDict, nnx.Module, int]:
+    """(the distillation's resolved config, the frozen teacher, its step) from
+    ``config.distill.teacher_workdir``."""
+    workdir = config.distill.get("teacher_workdir", "")
+    if not workdir:
+        raise ValueError("config.distill.teacher_workdir is empty: point it at a trained teacher, "
+                         "e.g. --config.distill.teacher_workdir=runs/toy")
+    try:
+        recorded = workdir_lib.read_config(workdir)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"config.distill.teacher_workdir={workdir!r}: {e}") from e
+    resolved = resolve_config(config, recorded)
+    resolved.training = ml_collections.ConfigDict(recorded.training.to_dict())
+    resolved.optim = ml_collections.ConfigDict(recorded.optim.to_dict())
+    try:
+        teacher, step = load_teacher(resolved, workdir)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"config.distill.teacher_workdir={workdir!r}: {e}") from e
+    return resolved, teacher, step
+
+
+def build_distillation(config, teacher, mesh, *, student=None) -> distill_lib.Distillation:
+    """The f-distill objective and state for ``config`` (a resolved distillation config): an
+    image student (one/few steps) or a video student (self-rollout + the motion regulariser)."""
+    dc = config.distill
+    process = teacher.process
+    if is_video(config):
+        s = config.student
+        constrain = lambda x, axis=0: jax.lax.with_sharding_constraint(
+            x, jax.sharding.NamedSharding(
+                mesh, jax.sharding.PartitionSpec(*((None,) * axis + (sharding.DATA_AXIS,)))))
+        generator = video_distill.SelfRollout(
+            tuple(float(v) for v in video_distill.student_sigmas_of(config, process)),
+            block_size=int(s.block_size), window=int(s.window), order=dc.order,
+            constrain=constrain)
+        extra = ()
+        if dc.fkl_weight > 0:
+            extra = (video_distill.MotionRegulariser(float(dc.fkl_weight), float(process.sigma_max),
+                                                     mask=dc.fkl_mask,
+                                                     block_size=int(s.block_size)),)
+    else:
+        generator = student_lib.FewStep(student_lib.student_sigmas(
+            process, dc.student_steps, dc.get("student_sigmas")))
+        extra = ()
+    objective = objective_lib.FDivergenceObjective(
+        divergence=divergences.get(dc.divergence, **dict(dc.get("divergence_params", {}) or {})),
+        generator=generator,
+        noise=objective_lib.GridNoise(
+            objective_lib.karras_noise_grid(process, dc.num_noise_steps, dc.rho),
+            tuple(dc.index_range)),
+        process=process, feature_source=dc.feature_source, guidance_scale=dc.guidance_scale,
+        gan_weight=dc.gan_weight, r1_weight=dc.r1_weight, r1_alpha=dc.r1_alpha,
+        logit_clip=dc.logit_clip, r_min=dc.r_min, r_max=dc.r_max, normalize_r=dc.normalize_r,
+        ratio_bins=dc.ratio_bins, ratio_ema_rate=dc.ratio_ema_rate, normalize_h=dc.normalize_h,
+        normalize_dm=dc.normalize_dm,
+        fake_score_weighting=dc.get("fake_score_weighting", "edm"), extra_terms=extra)
+    disc = models.get_discriminator(teacher, dc.disc_resolutions, rngs=nnx.Rngs(config.seed + 1))
+    return distill_lib.Distillation(objective, teacher, disc, dc, mesh, seed=config.seed,
+                                    student=student)
+
+
+def student_draw(config, distillation: distill_lib.Distillation, batch_size: int):
+    """``draw(params, key, labels) -> x``: the student's inference sampler, jitted."""
+    shape = (batch_size,) + data.example_shape(config.data)
+    generator = distillation.objective.generator
+
+    @jax.jit
+    def draw(params, key, labels):
+        return generator.sample(distillation.denoiser(params), key,
+                                {"x": jnp.zeros(shape, jnp.float32), "label": labels})
+
+    return draw
+
+
+def distill(config, workdir: str) -> dict:
+    """``--mode=distill``: distils ``config.distill.teacher_workdir``'s teacher into a student in
+    ``workdir`` (``config.distill.num_steps`` iterations, resumed from ``workdir/checkpoints``),
+    then draws ``config.distill.num_eval_samples`` samples of the EMA student; writes
+    results.json and student_samples.(png|gif|npz)."""
+    config, teacher, teacher_step = teacher_of(config)
+    if os.path.abspath(workdir) == os.path.abspath(config.distill.teacher_workdir):
+        raise ValueError(f"--workdir={workdir} is the teacher's own workdir "
+                         f"(config.distill.teacher_workdir): distil into a new directory.")
+    workdir_lib.write_config(workdir, config, mode="distill")
+    dc = config.distill
+    mesh = sharding.make_mesh()
+    try:
+        sharding.check_batch_size(dc.batch_size, mesh)
+    except ValueError as e:
+        raise ValueError(f"config.distill.batch_size: {e}") from e
+    student, extra_batches = None, None
+    if is_video(config):
+        student, pairs = video_distill.prepare_student(config, teacher, workdir, mesh)
+        if dc.fkl_weight > 0:
+            sharding.check_batch_size(dc.fkl_batch_size, mesh)
+            extra_batches = video_distill.fkl_batches(pairs, dc.fkl_batch_size, seed=config.seed)
+    distillation = build_distillation(config, teacher, mesh, student=student)
+    ds = dataset(config, dc.batch_size)
+    k = int(config.data.get("num_classes", 0))
+
+    def step_fn(state, i):
+        batch = with_one_hot_labels(ds.batch(i), k)
+        if extra_batches is not None:
+            batch["fkl"] = extra_batches.batch(i)
+        return distillation.step(state, i, sharding.global_batch(batch, mesh))
+
+    draws: dict = {}
+
+    def draw_for_state(state, key, batch_size):
+        if batch_size not in draws:
+            draws[batch_size] = student_draw(config, distillation, batch_size)
+        params = sharding.local_copy(state["student_ema"])
+        labels = label_draws(config, jax.random.fold_in(key, 1), batch_size)
+
+        def draw_batch(i):
+            one_hot, idx = labels(i)
+            return draws[batch_size](params, jax.random.fold_in(key, i), one_hot), idx
+
+        return draw_batch
+
+    on_log = scoring.periodic_hook(config, workdir, draw_for_state,
+                                   every=dc.get("eval_every", 0), log_every=dc.log_every)
+    t0 = time.time()
+    state, metrics = train.fit(workdir=workdir, state=distillation.initial_state,
+                               state_sharding=distillation.state_sharding, step_fn=step_fn,
+                               loop=train.LoopConfig.from_config(dc), on_log=on_log)
+    seconds = time.time() - t0
+    results = {"mode": "distill", "divergence": distillation.objective.divergence.name,
+               "steps": int(sharding.to_host(state["step"])), "teacher_step": teacher_step,
+               "distill_seconds": seconds,
+               "nfe": distillation.objective.generator.num_evaluations,
+               **{f"final/{k}": v for k, v in metrics.items()}}
+    results.update(_student_samples(config, workdir, distillation,
+                                    sharding.local_copy(state["student_ema"]), prefix="student"))
+    monitor.write_results(workdir, results)
+    return results
+
+
+def _student_samples(config, workdir, distillation, params, *, prefix: str) -> dict:
+    """Samples of the student (``distill.num_eval_samples``), saved, with what can be measured
+    on them; video: motion and drift over a rollout ``eval.rollout_factor`` times longer."""
+    dc = config.distill
+    if is_video(config):
+        return _video_student_report(config, workdir, distillation, params, prefix)
+    n = int(dc.num_eval_samples)
+    batch_size = min(n, int(dc.get("eval_batch_size", 1024)))
+    x = draw_samples(student_draw(config, distillation, batch_size), params, config, n,
+                     batch_size, jax.random.key(config.seed + 1))
+    path = save_samples(config, workdir, x, "student_samples")
+    _print(f"student ({distillation.objective.generator.num_evaluations} network evaluation(s) "
+           f"per sample) -> {path}")
+    return sample_report(config, x, prefix)
+
+
+def _video_student_report(config, workdir, distillation, params, prefix) -> dict:
+    from fdistill.video import hiar
+    s, e = config.student, config.eval
+    sigmas = np.asarray(distillation.objective.generator.sigmas, np.float32)
+    student = distillation.denoiser(params)
+    shape = (int(e.num_clips),) + data.example_shape(config.data)
+    k_short, k_long = jax.random.split(jax.random.key(config.seed + 3))
+    order = config.distill.order
+    short = np.asarray(hiar.sample(student, hiar.draw_noise(k_short, s.num_steps, shape), sigmas,
+                                   block_size=s.block_size, window=s.window, order=order))
+    long_shape = (shape[0], shape[1] * int(e.rollout_factor), *shape[2:])
+    long = np.asarray(hiar.sample(student, hiar.draw_noise(k_long, s.num_steps, long_shape),
+                                  sigmas, block_size=s.block_size, window=s.window, order=order))
+    row = sample_report(config, short, prefix)
+    row[f"{prefix}/drift"] = float(video_metrics.drift(long, config.data.num_frames,
+                                                       square=config.data.square)["slope"])
+    save_samples(config, workdir, long, "student_rollout")
+    _print(f"student ({s.num_steps} steps, {order}): " + "  ".join(
+        f"{k.split('/')[-1]}={v:.4g}" for k, v in row.items()))
+    return row
+
+
+def load_student(config, workdir: str) -> tuple[distill_lib.Distillation, dict]:
+    """(Distillation, state) restored from a distillation ``workdir`` (no teacher checkpoint is
+    needed: the student's architecture is the teacher's, from the recorded config)."""
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(ckpt_dir):
+        raise FileNotFoundError(f"no student checkpoint in {ckpt_dir}; distil one first with "
+                                f"`python -m fdistill.main --config=<its config> "
+                                f"--workdir={workdir} --mode=distill`")
+    distillation = build_distillation(config, build_model(config), sharding.make_mesh())
+    ckpt = checkpoint.Checkpointer(ckpt_dir)
+    try:
+        step, state = ckpt.restore_latest(distillation.initial_state)
+    finally:
+        ckpt.close()
+    if step is None:
+        raise FileNotFoundError(f"no student checkpoint in {ckpt_dir}")
+    return distillation, state
+
+
+def sample_student(config, workdir: str) -> dict:
+    distillation, state = load_student(config, workdir)
+    params = sharding.local_copy(state["student_ema"])
+    results = {"sample/nfe": distillation.objective.generator.num_evaluations,
+               "sample/checkpoint_step": int(sharding.to_host(state["step"]))}
+    if is_video(config):
+        results.update(_video_student_report(config, workdir, distillation, params, "sample"))
+        monitor.write_results(workdir, results)
+        return results
+    n, bs = config.sampling.num_samples, min(config.sampling.num_samples,
+                                             config.sampling.batch_size)
+    draw = student_draw(config, distillation, bs)
+    key = jax.random.key(config.seed + 2)
+    draw_samples(draw, params, config, bs, bs, key)   # compile
+    t0 = time.time()
+    x = draw_samples(draw, params, config, n, bs, key)
+    results.update({"sample/num_samples": len(x),
+                    "sample/seconds_per_sample": (time.time() - t0) / len(x),
+                    **sample_report(config, x, "sample")})
+    path = save_samples(config, workdir, x, "student_samples")
+    monitor.write_results(workdir, results)
+    _print(f"{len(x)} student samples, {results['sample/nfe']} network evaluation(s) each "
+           f"-> {path}")
+    return results
+
+
+def sample(config, workdir: str) -> dict:
+    """``--mode=sample``: samples of the run in ``workdir``, a teacher (``config.sampling``'s
+    sampler) or a student (its one/few steps), with toy metrics or video motion when they
+    apply."""
+    config = run_config(config, workdir)
+    if is_student_workdir(workdir):
+        return sample_student(config, workdir)
+    return sample_teacher(config, workdir)
+
+
+# =================================================================================================
+# Evaluation.
+
+def fid_stats(config, workdir: str) -> dict:
+    """``--mode=fid_stats``: (mu, sigma) and up to 10k real features of the dataset
+    (``config.data`` with its configured split, train by default) in ``config.eval.features``,
+    written to ``config.eval.ref_stats`` (default ``<workdir>/ref_stats.npz``).
+
+    Uses the first ``config.eval.num_samples`` images, or all of them when the split is smaller
+    (EDM's CIFAR-10 reference: all 50,000 training images).
+    """
+    workdir_lib.write_config(workdir, config, mode="fid_stats")
+    path = scoring.ref_stats_path(config, workdir)
+    net = scoring.feature_network(config, workdir)
+    ds = data.get_dataset(config.data, global_batch_size=1, seed=config.seed)
+    n = min(int(config.eval.num_samples), int(ds.num_examples))
+    t0 = time.time()
+    protocol = fid_lib.write_reference_stats(path, ds, net, n, int(config.eval.batch_size),
+                                             progress=jax.process_index() == 0)
+    protocol.update(path=path, features=config.eval.features,
+                    feature_weights=str(getattr(net, "weights_path", "")),
+                    split=str(config.data.get("split", "default")),
+                    dataset_num_examples=int(ds.num_examples), seconds=time.time() - t0)
+    if isinstance(net, scoring.ClassifierFeatures):
+        protocol["classifier_test_accuracy"] = net.clf.test_accuracy
+    results = {"fid_stats/protocol": protocol}
+    monitor.write_results(workdir, results)
+    _print(f"reference statistics of {n} {config.data.name} images ({config.eval.features} "
+           f"features) -> {path}")
+    return results
+
+
+def evaluate(config, workdir: str) -> dict:
+    """``--mode=eval``: scores the teacher or student in ``workdir``.
+
+    ``config.eval.num_samples`` samples (50,000 unless ``config.eval.monitoring``) in batches of
+    ``config.eval.batch_size``, class labels drawn uniformly at random from a fixed seed. The
+    protocol, reference file (and its dimension), weights and checkpoint are checked before
+    anything is sampled.
+    """
+    config = run_config(config, workdir)
+    n, monitoring = int(config.eval.num_samples), bool(config.eval.monitoring)
+    fid_lib.metric_suffix(n, monitoring=monitoring)
+    ref_path = scoring.ref_stats_path(config, workdir)
+    ref = fid_lib.load_stats(ref_path)
+    net = scoring.feature_network(config, workdir)
+    scoring.check_dimensions(ref, net, ref_path)
+    bs = int(config.eval.batch_size)
+    key = jax.random.key(config.seed + 3)
+    if is_student_workdir(workdir):
+        distillation, state = load_student(config, workdir)
+        draw, params = student_draw(config, distillation, bs), sharding.local_copy(
+            state["student_ema"])
+        generator = {"model": "student",
+                     "nfe": distillation.objective.generator.num_evaluations,
+                     "checkpoint_step": int(sharding.to_host(state["step"]))}
+    else:
+        model, step = load_teacher(config, workdir)
+        draw, params = teacher_sampler(config, model, bs)
+        generator = {"model": "teacher", "sampler": draw.name, "sampler_steps": draw.num_steps,
+                     "guidance": draw.guidance, "nfe": draw.nfe, "checkpoint_step": int(step)}
+    labels = label_draws(config, jax.random.fold_in(key, 1), bs)
+
+    def draw_batch(i):
+        one_hot, idx = labels(i)
+        return draw(params, jax.random.fold_in(key, i), one_hot), idx
+
+    t0 = time.time()
+    out = scoring.sample_metrics(config, net, ref, draw_batch, n, monitoring=monitoring,
+                                 progress=jax.process_index() == 0)
+    protocol = dict(out.pop("protocol"), **generator, batch_size=bs, seed=int(config.seed),
+                    reference=ref_path, labels="uniform random (seed)",
+                    seconds=time.time() - t0)
+    results = {f"eval/{name}": v for name, v in out.items()}
+    results["eval/protocol"] = protocol
+    monitor.write_results(workdir, results)
+    _print(f"{generator['model']} ({generator['nfe']} nfe), {n} samples: " + "  ".join(
+        f"{name}={v:.4g}" for name, v in out.items()))
+    return results
+
+
+def train_mode(config, workdir: str) -> dict:
+    """``--mode=train`` (returns the results without the state and history)."""
+    out = train_teacher(config, workdir)
+    return {k: v for k, v in out.items() if k not in ("state", "history")}
