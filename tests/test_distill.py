@@ -9,17 +9,22 @@ import numpy as np
 import optax
 import pytest
 
-from configs import distill_toy
-from fdistill import checkpoint, data, distill, generate, sharding, train
+import ml_collections
+
+from configs import distill_toy, toy
+from fdistill import checkpoint, data, modes, sharding, train
+from fdistill import workdir as workdir_lib
 from tests.tiny import run_on_fake_devices
 
 
-def toy_config(tmp):
-    """A small toy teacher (MLP 64 x 2, modes of std 0.15) and a short forward-KL distillation."""
+def toy_configs(tmp):
+    """A small toy teacher (MLP 64 x 2, modes of std 0.15) and a short forward-KL distillation of
+    it: (teacher config, distill config, the distill config resolved against the teacher)."""
+    t = toy.get_config()
+    t.data.std = 0.15
+    t.model.hidden = 64
+    t.model.depth = 2
     c = distill_toy.get_config()
-    c.data.std = 0.15
-    c.model.hidden = 64
-    c.model.depth = 2
     d = c.distill
     d.teacher_workdir = os.path.join(str(tmp), "teacher")
     d.batch_size = 256
@@ -30,13 +35,13 @@ def toy_config(tmp):
     d.num_eval_samples = 2048
     d.eval_batch_size = 2048
     d.student_optim.lr = 1e-3
-    return c
+    return t, c, modes.resolve_config(c, t)
 
 
 def make_teacher(config, workdir, *, steps=1500, batch=256, seed=0):
     """Trains the config's model by regression onto the toy's exact denoiser E[x0 | x_t] (noise
     levels log-uniform on [sigma_min, sigma_max]) and saves it like the teacher loop does."""
-    model = train.build_model(config)
+    model = modes.build_model(config)
     tx_teacher = train.make_optimizer(config.optim)
     graphdef, others, state = train.init_state(model, tx_teacher)
     toy = data.toy.get_toy(config.data)
@@ -67,29 +72,32 @@ def make_teacher(config, workdir, *, steps=1500, batch=256, seed=0):
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
     ckpt.save(steps, state)
     ckpt.close()
+    workdir_lib.write_config(workdir, config, mode="train")
     return train.merge(graphdef, params, others)
 
 
 @pytest.fixture(scope="module")
-def teacher_config(tmp_path_factory):
+def configs(tmp_path_factory):
     """A toy teacher (ring of 8 modes, std 0.15) trained once for the tests of this file."""
-    c = toy_config(tmp_path_factory.mktemp("distill"))
-    make_teacher(c, c.distill.teacher_workdir)
-    return c
+    t, c, resolved = toy_configs(tmp_path_factory.mktemp("distill"))
+    make_teacher(t, c.distill.teacher_workdir)
+    return t, c, resolved
 
 
-def test_end_to_end_toy_distillation_recovers_all_modes(teacher_config, tmp_path):
+def test_end_to_end_toy_distillation_recovers_all_modes(configs, tmp_path):
     """Forward-KL f-distill turns the teacher-initialised one-step student, which starts collapsed
-    (no mode covered), into one that covers all 8 modes with 1 network evaluation per sample."""
-    c = teacher_config
-    mesh = sharding.make_mesh()
-    teacher, _ = distill.load_teacher(c)
-    start = distill.Distiller(c, teacher, mesh)
-    x0 = distill.draw_student_samples(start, start.initial_state["student"], 2048,
-                                      jax.random.key(1), 2048)
-    before = generate.toy_metrics(c, x0)
+    (no mode covered), into one that covers all 8 modes with 1 network evaluation per sample;
+    the distill config carries no model: it is read from the teacher's workdir."""
+    t, c, resolved = configs
+    assert "model" not in c
+    teacher, _ = modes.load_teacher(t, c.distill.teacher_workdir)
+    start = modes.build_distillation(resolved, teacher, sharding.make_mesh())
+    x0 = modes.draw_samples(modes.student_draw(resolved, start, 2048),
+                            start.initial_state["student"], resolved, 2048, 2048,
+                            jax.random.key(1))
+    before = modes.toy_metrics(resolved, x0)
     assert before["recall"] <= 0.25
-    results = distill.distill(c, str(tmp_path))
+    results = modes.distill(c, str(tmp_path))
     assert results["nfe"] == 1 and results["steps"] == c.distill.num_steps
     assert results["student/recall"] >= 0.875, results
     assert results["student/precision"] > 0.5, results
@@ -97,54 +105,59 @@ def test_end_to_end_toy_distillation_recovers_all_modes(teacher_config, tmp_path
     with open(tmp_path / "results.json") as f:
         assert json.load(f)["student/recall"] == results["student/recall"]
     assert (tmp_path / "student_samples.png").exists()
-    sampled = distill.sample(c, str(tmp_path))                # --mode=sample on the student
+    assert workdir_lib.read_config(str(tmp_path)).model.hidden == 64    # recorded, resolved
+    sampled = modes.sample(toy.get_config(), str(tmp_path))   # --mode=sample with any config
     assert sampled["sample/nfe"] == 1 and sampled["sample/recall"] >= 0.875
 
 
-def test_missing_or_mismatched_teacher_fails_before_compiling(teacher_config, tmp_path):
-    c = copy.deepcopy(teacher_config)
+def test_missing_teacher_or_own_workdir_fails_before_compiling(configs, tmp_path):
+    _, c, _ = configs
+    c = copy.deepcopy(c)
+    teacher_dir = c.distill.teacher_workdir
     c.distill.teacher_workdir = str(tmp_path / "nowhere")
-    with pytest.raises(FileNotFoundError, match="teacher_workdir"):
-        distill.distill(c, str(tmp_path / "out"))
+    with pytest.raises(FileNotFoundError, match="teacher_workdir.*config.json"):
+        modes.distill(c, str(tmp_path / "out"))
     c.distill.teacher_workdir = ""
     with pytest.raises(ValueError, match="teacher_workdir is empty"):
-        distill.distill(c, str(tmp_path / "out"))
-    c = copy.deepcopy(teacher_config)
-    c.model.hidden = 32                                   # the teacher was trained with 64
-    with pytest.raises(ValueError, match="does not match"):
-        distill.distill(c, str(tmp_path / "out"))
+        modes.distill(c, str(tmp_path / "out"))
+    c.distill.teacher_workdir = teacher_dir
+    with pytest.raises(ValueError, match="teacher's own workdir"):
+        modes.distill(c, teacher_dir)
     assert not (tmp_path / "out" / "checkpoints").exists()
+    workdir_lib.write_config(str(tmp_path / "out"), c, mode="distill")
     with pytest.raises(FileNotFoundError, match="no student checkpoint"):
-        distill.sample(teacher_config, str(tmp_path / "out"))
+        modes.sample(c, str(tmp_path / "out"))
 
 
-def test_bad_distill_settings(teacher_config):
-    teacher = train.build_model(teacher_config)
+def test_bad_distill_settings(configs):
+    t, _, resolved = configs
+    teacher = modes.build_model(t)
     mesh = sharding.make_mesh()
-    c = copy.deepcopy(teacher_config)
+    c = copy.deepcopy(resolved)
     c.distill.divergence = "wasserstein"
     with pytest.raises(ValueError, match="jensen_shannon"):
-        distill.Distiller(c, teacher, mesh)
-    c = copy.deepcopy(teacher_config)
+        modes.build_distillation(c, teacher, mesh)
+    c = copy.deepcopy(resolved)
     c.distill.student_update_every = 1
     with pytest.raises(ValueError, match="student_update_every"):
-        distill.Distiller(c, teacher, mesh)
-    c = copy.deepcopy(teacher_config)
+        modes.build_distillation(c, teacher, mesh)
+    c = copy.deepcopy(resolved)
     c.distill.feature_source = "student"
     with pytest.raises(ValueError, match="fake_score"):
-        distill.Distiller(c, teacher, mesh)
+        modes.build_distillation(c, teacher, mesh)
 
 
-def test_nonfinite_loss_skips_the_update_and_stops(teacher_config):
-    c = copy.deepcopy(teacher_config)
+def test_nonfinite_loss_skips_the_update_and_stops(configs):
+    t, _, resolved = configs
+    c = copy.deepcopy(resolved)
     c.distill.batch_size = 16
-    teacher = train.build_model(c)
     mesh = sharding.make_mesh()
-    d = distill.Distiller(c, teacher, mesh)
+    d = modes.build_distillation(c, modes.build_model(t), mesh)
     ds = data.get_dataset(c.data, global_batch_size=16, seed=0)
-    state, _ = d.step(d.initial_state, 0, sharding.global_batch(ds.batch(0), mesh))
+    batch = lambda i: modes.with_one_hot_labels(ds.batch(i), 0)
+    state, _ = d.step(d.initial_state, 0, sharding.global_batch(batch(0), mesh))
     before = jax.tree.map(np.asarray, {k: state[k] for k in ("fake_score", "disc", "student")})
-    bad = ds.batch(1)
+    bad = batch(1)
     bad["x"] = np.full_like(bad["x"], np.nan)
     state, _ = d.step(state, 1, sharding.global_batch(bad, mesh))
     after = jax.tree.map(np.asarray, {k: state[k] for k in ("fake_score", "disc", "student")})
@@ -154,20 +167,39 @@ def test_nonfinite_loss_skips_the_update_and_stops(teacher_config):
         train.check_finite(state)
 
 
+def test_nonfinite_parameters_are_never_kept(configs):
+    """A finite loss whose update makes the parameters NaN (a NaN learning rate) is caught by the
+    state check: the update is skipped and the record names the state entry."""
+    t, _, resolved = configs
+    c = copy.deepcopy(resolved)
+    c.distill.batch_size = 16
+    c.distill.student_optim.lr = float("nan")
+    mesh = sharding.make_mesh()
+    d = modes.build_distillation(c, modes.build_model(t), mesh)
+    ds = data.get_dataset(c.data, global_batch_size=16, seed=0)
+    state, _ = d.step(d.initial_state, 0, sharding.global_batch(
+        modes.with_one_hot_labels(ds.batch(0), 0), mesh))
+    for leaf in jax.tree.leaves(state["student"]) + jax.tree.leaves(state["student_ema"]):
+        assert np.all(np.isfinite(np.asarray(leaf)))
+    with pytest.raises(train.NonFiniteError, match=r"step 0: .*state/student=nan"):
+        train.check_finite(state)
+
+
 MULTI_DEVICE = r"""
 import json, sys
 import jax, numpy as np
 from jax.sharding import AxisType, Mesh
 sys.path.insert(0, '.')
-from configs import distill_toy
-from fdistill import data, distill, sharding, train
+from configs import distill_toy, toy
+from fdistill import data, modes, sharding
 
 assert jax.device_count() == 2
-c = distill_toy.get_config()
-c.model.hidden, c.model.depth = 128, 1          # 128 x 128 weights are sharded under fsdp
+t = toy.get_config()
+t.model.hidden, t.model.depth = 128, 1          # 128 x 128 weights are sharded under fsdp
+c = modes.resolve_config(distill_toy.get_config(), t)
 c.distill.batch_size = 8
 c.distill.r1_weight = 1.0
-teacher = train.build_model(c)
+teacher = modes.build_model(c)
 ds = data.get_dataset(c.data, global_batch_size=8, seed=0)
 runs = {"1": (1, "replicated", 1, "teacher"), "2": (2, "replicated", 1, "teacher"),
         "1few": (1, "replicated", 2, "fake_score"), "2few": (2, "fsdp", 2, "fake_score")}
@@ -176,10 +208,11 @@ for name, (n, mode, steps, source) in runs.items():
     c.distill.param_sharding, c.distill.student_steps = mode, steps
     c.distill.feature_source = source
     mesh = Mesh(np.asarray(jax.devices()[:n]), ("data",), axis_types=(AxisType.Auto,))
-    d = distill.Distiller(c, teacher, mesh)
+    d = modes.build_distillation(c, teacher, mesh)
     state, hist = d.initial_state, []
     for i in range(3):
-        state, m = d.step(state, i, sharding.global_batch(ds.batch(i), mesh))
+        state, m = d.step(state, i, sharding.global_batch(
+            modes.with_one_hot_labels(ds.batch(i), 0), mesh))
         hist.append({k: float(v) for k, v in m.items()})
     out[name] = hist
 print("RESULT" + json.dumps(out))
@@ -201,14 +234,45 @@ def test_distill_steps_match_on_one_and_two_devices():
     assert out["1"][1]["critic/loss"] != out["1"][2]["critic/loss"]
 
 
-def test_student_samples_cycle_through_the_classes_across_batches():
-    """Sample j is drawn for class j % num_classes whatever the batch size (what the in-domain
-    accuracy compares against)."""
-    class Conditional:
-        num_classes = 10
+def test_sampling_labels_are_uniform_random_from_a_seed():
+    """Evaluation labels are drawn uniformly at random from a fixed key (EDM's convention): over
+    50,000 samples in batches of 250, all 1000 ImageNet classes appear, with counts within
+    sampling error of 50 each, and the same key gives the same labels."""
+    c = ml_collections.ConfigDict({"data": {"num_classes": 1000}})
+    labels = modes.label_draws(c, jax.random.key(0), 250)
+    idx = np.concatenate([labels(i)[1] for i in range(200)])
+    counts = np.bincount(idx, minlength=1000)
+    assert counts.min() > 0 and len(idx) == 50_000
+    chi2 = ((counts - 50.0) ** 2 / 50.0).sum()              # ~ chi^2 with 999 dof
+    assert abs(chi2 - 999) < 5 * np.sqrt(2 * 999)
+    np.testing.assert_array_equal(labels(3)[1], modes.label_draws(c, jax.random.key(0), 250)(3)[1])
+    assert labels(0)[0].shape == (250, 1000)
+    none = modes.label_draws(ml_collections.ConfigDict({"data": {"num_classes": 0}}),
+                             jax.random.key(0), 4)
+    assert none(0) == (None, None)
 
-        def sample_fn(self, batch_size):
-            return lambda params, key, labels: np.asarray(labels).argmax(1)[:, None]
 
-    x = distill.draw_student_samples(Conditional(), None, 12, jax.random.key(0), 5)
-    assert x[:, 0].tolist() == [j % 10 for j in range(12)]
+def test_distillation_matches_the_pre_refactor_losses():
+    """The shared core gives the image distillation's losses of the code it replaced (golden
+    values recorded from it: 7 iterations, student and critic, both feature sources) to 1e-6."""
+    with open(os.path.join(os.path.dirname(__file__), "golden", "distill_pin.json")) as f:
+        golden = json.load(f)
+    t = toy.get_config()
+    t.model.hidden, t.model.depth = 32, 2
+    for source in ("teacher", "fake_score"):
+        c = distill_toy.get_config()
+        c.distill.update(divergence="js", feature_source=source, batch_size=32, r1_weight=0.0,
+                         ratio_bins=1, gan_weight=1e-2, disc_resolutions=(0,),
+                         fake_score_weighting="edm")
+        c = modes.resolve_config(c, t)
+        mesh = sharding.make_mesh()
+        ds = modes.dataset(c, c.distill.batch_size)
+        d = modes.build_distillation(c, modes.build_model(c, seed=7), mesh)
+        state = d.initial_state
+        for i, want in enumerate(golden[source]):
+            state, m = d.step(state, i, sharding.global_batch(
+                modes.with_one_hot_labels(ds.batch(i), 0), mesh))
+            got = {k: float(v) for k, v in sharding.to_host(m).items()}
+            for k, v in want.items():
+                np.testing.assert_allclose(got[k], v, rtol=1e-6, atol=1e-9,
+                                           err_msg=f"{source} step {i} {k}")

@@ -7,7 +7,8 @@ import numpy as np
 import optax
 import pytest
 
-from fdistill import distill, divergences, sde
+from fdistill import divergences, objective, sde, student
+from fdistill.models.denoiser import preconditioning
 
 # A 1-D teacher p = N(MU_P, S_P^2) and a location-scale student x = m + exp(log_s) z at THETA0,
 # compared at one noise level SIGMA. The variances are close enough that every weighting h(r) used
@@ -51,9 +52,10 @@ def _student(theta):
 
 def _exact_objective(div, *, normalize_h=False):
     """FDistill with exact networks, all normalisations and the GAN term off, r unclipped."""
-    return distill.FDistill(
-        divergence=div, sigmas=np.asarray([SIGMA], np.float32), index_range=(0, 0),
-        student_sigmas=(SIGMA_MAX,), gan_weight=0.0, logit_clip=60.0, r_min=1e-30, r_max=1e30,
+    return objective.FDivergenceObjective(
+        divergence=div, generator=student.FewStep((SIGMA_MAX,)),
+        noise=objective.GridNoise(np.asarray([SIGMA], np.float32), (0, 0)), process=sde.EDM(),
+        gan_weight=0.0, logit_clip=60.0, r_min=1e-30, r_max=1e30,
         normalize_r=False, normalize_h=normalize_h, normalize_dm=False)
 
 
@@ -138,29 +140,29 @@ def test_reverse_kl_is_the_dmd_update():
     """For reverse-KL, h = 1 whatever the discriminator says (before and after normalisation), and
     d loss / dx is DMD's (x0_fake - x0_teacher) / mean|x - x0_teacher| (over the dimension)."""
     x, x0_t, x0_f, logits = _random_dm_inputs()
-    r = distill.density_ratio(logits)
-    h = distill.f_weights(divergences.get("rkl"), r)
+    r = objective.density_ratio(logits)
+    h = objective.f_weights(divergences.get("rkl"), r)
     np.testing.assert_array_equal(h, jnp.ones_like(r))
-    grad = jax.grad(lambda x: distill.distribution_matching_loss(x, x0_t, x0_f, h).sum())(x)
+    grad = jax.grad(lambda x: objective.distribution_matching_loss(x, x0_t, x0_f, h).sum())(x)
     dim = x[0].size
     dmd = (x0_f - x0_t) / jnp.mean(jnp.abs(x - x0_t), axis=(1, 2, 3), keepdims=True) / dim
     np.testing.assert_allclose(grad, dmd, rtol=1e-5, atol=1e-8)
-    h_fkl = distill.f_weights(divergences.get("fkl"), r)
-    grad_fkl = jax.grad(lambda x: distill.distribution_matching_loss(x, x0_t, x0_f, h_fkl).sum())(x)
+    h_fkl = objective.f_weights(divergences.get("fkl"), r)
+    grad_fkl = jax.grad(lambda x: objective.distribution_matching_loss(x, x0_t, x0_f, h_fkl).sum())(x)
     np.testing.assert_allclose(grad_fkl, dmd * h_fkl[:, None, None, None], rtol=1e-5, atol=1e-8)
 
 
 def test_dm_loss_value_and_unnormalised_gradient():
     x, x0_t, x0_f, _ = _random_dm_inputs(1)
     w = jnp.linspace(0.5, 2.0, x.shape[0])
-    loss = distill.distribution_matching_loss(x, x0_t, x0_f, w, normalize=False)
+    loss = objective.distribution_matching_loss(x, x0_t, x0_f, w, normalize=False)
     g = (x0_f - x0_t) * w[:, None, None, None]
     np.testing.assert_allclose(loss, 0.5 * jnp.mean(g**2, axis=(1, 2, 3)), rtol=1e-5)
-    grad = jax.grad(lambda x: distill.distribution_matching_loss(
+    grad = jax.grad(lambda x: objective.distribution_matching_loss(
         x, x0_t, x0_f, w, normalize=False).sum())(x)
     np.testing.assert_allclose(grad, g / x[0].size, rtol=1e-5, atol=1e-8)
     # the weights and the targets carry no gradient
-    dw = jax.grad(lambda w: distill.distribution_matching_loss(x, x0_t, x0_f, w).sum())(w)
+    dw = jax.grad(lambda w: objective.distribution_matching_loss(x, x0_t, x0_f, w).sum())(w)
     np.testing.assert_array_equal(dw, jnp.zeros_like(w))
 
 
@@ -178,7 +180,7 @@ def test_logistic_discriminator_recovers_log_ratio():
         return (w[0] * x**2 + w[1] * x + w[2])[:, None]
 
     def loss(w):
-        return distill.discriminator_loss(logit(w, fake), logit(w, real)).mean()
+        return objective.discriminator_loss(logit(w, fake), logit(w, real)).mean()
 
     tx = optax.adam(0.05)
 
@@ -193,28 +195,33 @@ def test_logistic_discriminator_recovers_log_ratio():
     x = jnp.linspace(-1.5, 2.5, 41)
     exact = _log_normal(x, 1.0, 0.64) - _log_normal(x, 0.0, 1.44)
     np.testing.assert_allclose(logit(w, x)[:, 0], exact, atol=0.1)
-    r = distill.density_ratio(logit(w, x), r_min=1e-3, r_max=1e3)
+    r = objective.density_ratio(logit(w, x), r_min=1e-3, r_max=1e3)
     np.testing.assert_allclose(jnp.log(r), exact, atol=0.1)
 
 
 def test_density_ratio_clamps_averages_and_stops_gradient():
     logits = jnp.asarray([[100.0, 100.0], [-100.0, -100.0], [np.log(2.0), np.log(8.0)],
                           [15.0, -15.0]])
-    r = distill.density_ratio(logits)
-    np.testing.assert_allclose(r, [20.0, 0.1, 4.0, 1.0], rtol=1e-6)   # exp(mean of clamped logits)
-    r_wide = distill.density_ratio(logits, logit_clip=10.0, r_min=1e-9, r_max=1e9)
+    r = objective.density_ratio(logits)
+    np.testing.assert_allclose(r, [20.0, 0.1, 4.0, 1.0], rtol=1e-6)   # exp(clamped mean of the logits)
+    r_wide = objective.density_ratio(logits, logit_clip=10.0, r_min=1e-9, r_max=1e9)
     np.testing.assert_allclose(r_wide, [np.exp(10.0), np.exp(-10.0), 4.0, 1.0], rtol=1e-5)
-    g = jax.grad(lambda l: distill.density_ratio(l).sum())(logits)
+    # the mean over heads is clamped, not each head: heads (30, 0) give exp(10), not exp(5)
+    r_mean = objective.density_ratio(jnp.asarray([[30.0, 0.0]]), r_min=1e-9, r_max=1e9)
+    np.testing.assert_allclose(r_mean, [np.exp(10.0)], rtol=1e-5)
+    g = jax.grad(lambda l: objective.density_ratio(l).sum())(logits)
     np.testing.assert_array_equal(g, jnp.zeros_like(logits))
 
 
-def test_noise_bins_partition_the_index_range():
-    index = jnp.arange(2, 999)
-    bins = distill.noise_bin(index, (2, 998), 10)
-    assert int(bins.min()) == 0 and int(bins.max()) == 9
-    counts = np.bincount(np.asarray(bins), minlength=10)
-    assert counts.max() - counts.min() <= 1                       # equal-width bins
-    assert np.all(np.diff(np.asarray(bins)) >= 0)                 # monotone in the index
+def test_noise_bins_are_linear_in_sigma():
+    """10 bins of equal width in sigma over [sigma_min, sigma_max] (the reference's bins)."""
+    sigma = jnp.asarray([0.002, 7.99, 8.01, 39.9, 40.1, 79.9, 80.0, 200.0])
+    bins = objective.noise_bin(sigma, (0.0, 80.0), 10)
+    np.testing.assert_array_equal(bins, [0, 0, 1, 4, 5, 9, 9, 9])
+    grid = objective.karras_noise_grid(sde.EDM(), 1000)[2:999]
+    counts = np.bincount(np.asarray(objective.noise_bin(jnp.asarray(grid), (0.002, 80.0), 10)),
+                         minlength=10)
+    assert counts[0] > 600 and counts.sum() == 997       # the Karras grid crowds low sigmas
 
 
 def test_ratio_ema_and_binwise_normalisation():
@@ -222,13 +229,13 @@ def test_ratio_ema_and_binwise_normalisation():
     r = jnp.asarray([1.0, 3.0, 0.5, 1.0, 4.5, 7.0])
     ema = jnp.asarray([1.0, 2.0, 5.0, 1.5])
     # rate 0: the EMA is the batch mean per bin, and the normalised r has mean 1 in every bin seen
-    new = distill.update_ratio_ema(ema, r, bins, 0.0)
+    new = objective.update_ratio_ema(ema, r, bins, 0.0)
     np.testing.assert_allclose(new, [2.0, 2.0, 5.0, 7.0], rtol=1e-6)   # bin 2 empty: kept
-    rn = distill.normalize_ratio(r, bins, new)
+    rn = objective.normalize_ratio(r, bins, new)
     for b in (0, 1, 3):
         np.testing.assert_allclose(rn[bins == b].mean(), 1.0, rtol=1e-6)
     # rate 0.9: ema_b <- 0.9 ema_b + 0.1 mean_b
-    new = distill.update_ratio_ema(ema, r, bins, 0.9)
+    new = objective.update_ratio_ema(ema, r, bins, 0.9)
     np.testing.assert_allclose(new, [1.1, 2.0, 5.0, 0.9 * 1.5 + 0.7], rtol=1e-6)
 
 
@@ -236,18 +243,20 @@ def test_h_batch_normalisation():
     r = jnp.asarray(np.geomspace(0.1, 20.0, 16), jnp.float32)
     for name in ("js", "fkl", "pearson", "sh", "neyman"):
         div = divergences.get(name)
-        w = distill.f_weights(div, r)
+        w = objective.f_weights(div, r)
         np.testing.assert_allclose(w.mean(), 1.0, rtol=1e-5)
         np.testing.assert_allclose(w / w[0], div.h(r) / div.h(r)[0], rtol=1e-5)
-        np.testing.assert_allclose(distill.f_weights(div, r, normalize=False), div.h(r), rtol=1e-6)
+        np.testing.assert_allclose(objective.f_weights(div, r, normalize=False), div.h(r), rtol=1e-6)
 
 
 def test_student_loss_updates_the_ratio_ema():
     """Inside the student loss, r is normalised by the EMA of its own bin (rate 0: batch mean)."""
     div = divergences.get("fkl")
-    obj = distill.FDistill(divergence=div, sigmas=np.asarray([0.3, 0.5, 0.8, 1.0], np.float32),
-                           index_range=(0, 3), student_sigmas=(SIGMA_MAX,), ratio_bins=2,
-                           ratio_ema_rate=0.0, gan_weight=0.0)
+    obj = objective.FDivergenceObjective(
+        divergence=div, generator=student.FewStep((SIGMA_MAX,)),
+        noise=objective.GridNoise(np.asarray([0.3, 0.5, 0.8, 1.0], np.float32), (0, 3)),
+        process=sde.EDM(sigma_min=0.002, sigma_max=1.6), ratio_bins=2, ratio_ema_rate=0.0,
+        gan_weight=0.0)
     teacher, fake, disc = _networks(THETA0)
     batch = {"x": jnp.zeros((512, 1))}
     _, (metrics, ema) = obj.student_loss(_student(THETA0), teacher, fake, disc, jax.random.key(3),
@@ -261,41 +270,48 @@ def test_student_loss_updates_the_ratio_ema():
 
 def test_noise_grid_is_the_karras_grid():
     edm = sde.EDM()
-    sig = distill.noise_grid(edm, 1000)
+    sig = objective.karras_noise_grid(edm, 1000)
     i = np.arange(1000)
     lo, hi = 0.002 ** (1 / 7), 80.0 ** (1 / 7)
     np.testing.assert_allclose(sig, (hi + i / 999 * (lo - hi)) ** 7, rtol=1e-4)
     with pytest.raises(ValueError, match="process.name='edm'"):
-        distill.noise_grid(sde.VPSDE(), 1000)
+        objective.karras_noise_grid(sde.VPSDE(), 1000)
 
 
-def test_edm_weight_is_inverse_c_out_squared():
-    edm = sde.EDM()
+def test_fake_score_weighting():
+    """'edm' weights the x0 error by EDM's lambda(sigma) = 1 / c_out^2; 'none' is plain MSE."""
     sigma = jnp.asarray([0.002, 0.1, 1.0, 80.0])
-    c_out = edm.precond(sigma)[1]
-    np.testing.assert_allclose(distill.edm_weight(sigma, 0.5) * c_out**2, 1.0, rtol=1e-5)
+    c_out = preconditioning("edm", sigma, sigma, sigma_data=0.5)[1]
+    make = lambda w: objective.FDivergenceObjective(
+        divergence=divergences.get("js"), generator=student.FewStep((80.0,)),
+        noise=objective.GridNoise(np.ones(4, np.float32), (0, 3)), process=sde.EDM(),
+        fake_score_weighting=w)
+    np.testing.assert_allclose(make("edm").fake_score_weight(sigma) * c_out**2, 1.0, rtol=1e-5)
+    np.testing.assert_allclose(make("none").fake_score_weight(sigma), 1.0)
+    with pytest.raises(ValueError, match="none, edm"):
+        make("snr")
 
 
 def test_gan_and_critic_losses():
     l = jnp.asarray([[0.0, 2.0], [-1.0, 1.0]])
-    np.testing.assert_allclose(distill.gan_generator_loss(l),
+    np.testing.assert_allclose(objective.gan_generator_loss(l),
                                [(np.log(2) + np.log1p(np.exp(-2.0))) / 2,
                                 (np.log1p(np.e) + np.log1p(np.exp(-1.0))) / 2], rtol=1e-6)
-    np.testing.assert_allclose(distill.discriminator_loss(l, -l),
+    np.testing.assert_allclose(objective.discriminator_loss(l, -l),
                                2 * jnp.mean(jax.nn.softplus(l), -1), rtol=1e-6)
-    np.testing.assert_allclose(distill.approximate_r1(l, l + 0.5), [0.25, 0.25], rtol=1e-6)
+    np.testing.assert_allclose(objective.approximate_r1(l, l + 0.5), [0.25, 0.25], rtol=1e-6)
 
 
 def test_few_step_student_sigmas():
     edm = sde.EDM()
-    assert distill.student_sigmas(edm, 1) == (80.0,)
-    four = distill.student_sigmas(edm, 4)
+    assert student.student_sigmas(edm, 1) == (80.0,)
+    four = student.student_sigmas(edm, 4)
     assert len(four) == 4 and four[0] == pytest.approx(80.0) and all(np.diff(four) < 0)
-    assert distill.student_sigmas(edm, 2, (80.0, 1.0)) == (80.0, 1.0)
+    assert student.student_sigmas(edm, 2, (80.0, 1.0)) == (80.0, 1.0)
     with pytest.raises(ValueError, match="strictly decreasing"):
-        distill.student_sigmas(edm, 2, (1.0, 80.0))
+        student.student_sigmas(edm, 2, (1.0, 80.0))
     with pytest.raises(ValueError, match="strictly decreasing"):
-        distill.student_sigmas(edm, 4, (80.0, 1.0))
+        student.student_sigmas(edm, 4, (80.0, 1.0))
 
 
 def test_generate_and_training_gradient_through_one_step():
@@ -309,22 +325,24 @@ def test_generate_and_training_gradient_through_one_step():
         return lambda x_t, sigma, labels=None: a * x_t
 
     a = 0.01
-    x = distill.generate(student_of(a), key, shape, sigmas=sig)
+    x = student.generate(student_of(a), key, shape, sigmas=sig)
     # x = a(a(a 80 z0 + 2 e1) + 0.5 e2): std a sqrt(a^4 80^2 + a^2 4 + 0.25)
     std = a * np.sqrt(a**4 * 80**2 + a**2 * 4 + 0.25)
     np.testing.assert_allclose(float(x.std()), std, rtol=0.05)
 
     def total(a):
-        return distill.generate_for_training(student_of(a), key, shape, sigmas=sig).sum()
+        return student.generate_for_training(student_of(a), key, shape, sigmas=sig).sum()
 
-    out = distill.generate_for_training(student_of(a), key, shape, sigmas=sig)
+    out = student.generate_for_training(student_of(a), key, shape, sigmas=sig)
     grad = jax.grad(total)(a)
     np.testing.assert_allclose(grad, out.sum() / a, rtol=1e-4)   # d(a x_in)/da = x_in, x_in fixed
 
 
 def test_classifier_free_guidance_on_the_teacher():
-    obj = distill.FDistill(divergence=divergences.get("js"), sigmas=np.ones(4, np.float32),
-                           index_range=(0, 3), guidance_scale=3.0)
+    obj = objective.FDivergenceObjective(
+        divergence=divergences.get("js"), generator=student.FewStep((80.0,)),
+        noise=objective.GridNoise(np.ones(4, np.float32), (0, 3)), process=sde.EDM(),
+        guidance_scale=3.0)
 
     def teacher(x_t, sigma, labels, return_features=False):
         out = x_t if labels is None else x_t + labels.sum(-1, keepdims=True)
@@ -338,7 +356,10 @@ def test_classifier_free_guidance_on_the_teacher():
 
 
 def test_bad_settings():
+    make = lambda **kw: objective.FDivergenceObjective(
+        divergence=divergences.get("js"), generator=student.FewStep((80.0,)),
+        noise=objective.GridNoise(np.ones(4), (0, 3)), process=sde.EDM(), **kw)
     with pytest.raises(ValueError, match="teacher, fake_score"):
-        distill.FDistill(divergence=divergences.get("js"), sigmas=np.ones(4), feature_source="x")
+        make(feature_source="x")
     with pytest.raises(ValueError, match="index_range"):
-        distill.FDistill(divergence=divergences.get("js"), sigmas=np.ones(4), index_range=(2, 998))
+        objective.GridNoise(np.ones(4), (2, 998))
