@@ -34,12 +34,12 @@ def package_version() -> str:
         return "unknown"
 
 
-def write_json(path: str, obj) -> None:
+def write_json(path: str, obj, *, default=None) -> None:
     """Writes ``obj`` as JSON atomically (a temporary file renamed over ``path``), so a reader
-    never sees a truncated file."""
+    never sees a truncated file. ``default``: as in ``json.dump``, for non-JSON values."""
     tmp = f"{path}.tmp.{os.getpid()}"
     with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
+        json.dump(obj, f, indent=2, sort_keys=True, default=default)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

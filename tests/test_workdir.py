@@ -10,6 +10,7 @@ import sys
 import time
 
 import ml_collections
+import numpy as np
 import pytest
 
 from fdistill import workdir as wd
@@ -152,3 +153,19 @@ def test_distilling_into_the_teacher_workdir_refused(tmp_path, monkeypatch):
     wd.check_not_teacher_workdir(str(tmp_path / "student"), str(teacher))
     wd.check_not_teacher_workdir(str(teacher / "student"), str(teacher))
     wd.check_not_teacher_workdir(str(teacher), "")
+
+
+def test_results_written_atomically_and_a_damaged_file_replaced(tmp_path, caplog):
+    from fdistill import monitor
+    path = monitor.write_results(str(tmp_path), {"fid": np.float32(3.5), "steps": 10})
+    assert json.load(open(path)) == {"fid": 3.5, "steps": 10}
+    monitor.write_results(str(tmp_path), {"fid": 3.0, "kid": np.array([1, 2])})
+    assert json.load(open(path)) == {"fid": 3.0, "kid": [1, 2], "steps": 10}
+    assert os.listdir(tmp_path) == ["results.json"]  # no temporary file left
+    with open(path, "w") as f:
+        f.write('{"fid": 3.0, "st')  # truncated
+    with caplog.at_level(logging.WARNING):
+        monitor.write_results(str(tmp_path), {"precision": 0.5})
+    assert json.load(open(path)) == {"precision": 0.5}
+    assert open(f"{path}.invalid").read() == '{"fid": 3.0, "st'
+    assert any("not valid results JSON" in r.getMessage() for r in caplog.records)
