@@ -18,6 +18,7 @@ import logging
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -34,6 +35,10 @@ class CheckpointError(FdistillError, RuntimeError):
 
 class CheckpointDamagedError(CheckpointError):
     """A checkpoint's files differ from the checksums recorded when it was written."""
+
+
+class NonFiniteStateError(FdistillError, FloatingPointError):
+    """A state with NaN or infinite values was about to be saved; nothing was written."""
 
 
 class CheckpointMismatchError(CheckpointError):
@@ -84,9 +89,21 @@ class Checkpointer:
 
     # ---- saving ------------------------------------------------------------------------------
 
-    def save(self, step: int, state) -> None:
+    def save(self, step: int, state, *, check_finite: bool = True) -> None:
         """Saves ``state`` as ``step`` (replacing an existing checkpoint of that step, e.g. a
-        damaged one a resume fell back past), then records its checksums."""
+        damaged one a resume fell back past), then records its checksums.
+
+        ``check_finite``: raises ``NonFiniteStateError`` naming the non-finite leaves instead of
+        writing them, so no checkpoint ever holds NaN or infinite parameters or optimiser state.
+        """
+        if check_finite:
+            bad = nonfinite_leaves(state)
+            if bad:
+                shown = ", ".join(bad[:_MAX_SHOWN]) + (f" and {len(bad) - _MAX_SHOWN} more"
+                                                      if len(bad) > _MAX_SHOWN else "")
+                raise NonFiniteStateError(
+                    f"refusing to write checkpoint {self.step_dir(step)}: non-finite values in "
+                    f"{shown}. The existing checkpoints {self.all_steps()} are kept.")
         if step in self.all_steps():
             logging.warning("replacing checkpoint %s", self.step_dir(step))
             self.manager.delete(step)
@@ -210,6 +227,23 @@ class Checkpointer:
         self.manager.close()
 
 
+def nonfinite_leaves(tree) -> list[str]:
+    """Paths (``params/w``) of the floating-point leaves of ``tree`` holding a NaN or infinity;
+    one jitted reduction, so sharded multi-host arrays are checked where they live."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    floats = [(path, x) for path, x in flat if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+    if not floats:
+        return []
+    from fdistill import sharding
+    finite = sharding.to_host(_all_finite([x for _, x in floats]))
+    return [_path_name(path) for (path, _), ok in zip(floats, finite) if not ok]
+
+
+@jax.jit
+def _all_finite(leaves):
+    return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])
+
+
 # ---- checksums (orbax verifies no data it reads back; a flipped bit restores silently) ---------
 
 def _files(step_dir: str) -> list[str]:
@@ -272,5 +306,9 @@ def _key_name(k) -> str:
 def _shapes(tree) -> dict[str, tuple]:
     """``{'params/layer/kernel': shape}`` for every leaf (orbax metadata or arrays)."""
     leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return {"/".join(_key_name(k) for k in path): tuple(np.shape(leaf) if not hasattr(
-        leaf, "shape") else leaf.shape) for path, leaf in leaves}
+    return {_path_name(path): tuple(leaf.shape if hasattr(leaf, "shape") else np.shape(leaf))
+            for path, leaf in leaves}
+
+
+def _path_name(path) -> str:
+    return "/".join(_key_name(k) for k in path)

@@ -152,3 +152,17 @@ def test_keep_checkpoints_below_one_rejected(tmp_path, keep):
         checkpoint.Checkpointer(str(tmp_path), max_to_keep=keep)
     with checkpoint.Checkpointer(str(tmp_path)) as ckpt:
         assert ckpt.all_steps() == [1] and ckpt.verify(1) == ("ok", "")
+
+
+def test_nonfinite_state_never_written(tmp_path):
+    with checkpoint.Checkpointer(str(tmp_path)) as ckpt:
+        ckpt.save(1, state(1.0))
+        bad = state(2.0)
+        bad["params"]["w"] = bad["params"]["w"].at[1, 2].set(jnp.nan)
+        bad["opt_state"] = {"mu": jnp.array([0.0, jnp.inf]), "count": jnp.asarray(3)}
+        assert checkpoint.nonfinite_leaves(bad) == ["opt_state/mu", "params/w"]
+        with pytest.raises(checkpoint.NonFiniteStateError, match="opt_state/mu, params/w"):
+            ckpt.save(2, bad)
+        assert ckpt.all_steps() == [1]
+        assert not os.path.exists(ckpt.step_dir(2))
+        assert checkpoint.nonfinite_leaves(state(3.0)) == []
