@@ -22,7 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from fdistill.errors import FdistillError
+from fdistill import sharding
+from fdistill.errors import ConfigError, FdistillError
+from fdistill.workdir import write_json
 
 MANIFEST = "checksums.json"
 _OK, _DAMAGED, _UNVERIFIED = 0, 1, 2
@@ -61,7 +63,7 @@ class Checkpointer:
     def __init__(self, directory: str, *, max_to_keep: int = 3):
         if isinstance(max_to_keep, bool) or not isinstance(max_to_keep, (int, np.integer)) \
                 or max_to_keep < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"keep_checkpoints = {max_to_keep!r}: must be an integer >= 1 (how many recent "
                 f"checkpoints to keep; 0 would delete every checkpoint). Set "
                 f"--config.training.keep_checkpoints (or --config.distill.keep_checkpoints) to 1 "
@@ -130,7 +132,8 @@ class Checkpointer:
         wanted = _shapes(target)
         lines = [f"{k}: in the checkpoint, not in the state being restored"
                  for k in sorted(stored.keys() - wanted.keys())]
-        lines += [f"{k}: missing from the checkpoint" for k in sorted(wanted.keys() - stored.keys())]
+        lines += [f"{k}: missing from the checkpoint"
+                  for k in sorted(wanted.keys() - stored.keys())]
         lines += [f"{k}: checkpoint shape {stored[k]}, expected {wanted[k]}"
                   for k in sorted(stored.keys() & wanted.keys()) if stored[k] != wanted[k]]
         return lines
@@ -219,8 +222,8 @@ class Checkpointer:
             raise CheckpointMismatchError(
                 f"checkpoint {self.step_dir(step)} does not fit the state being restored: it was "
                 f"written with a different model or config (the checkpoint itself is intact). "
-                f"Differing leaves:\n  " + "\n  ".join(shown) + "\nRun with the config it was "
-                f"written with, or use another --workdir for a new run.",
+                "Differing leaves:\n  " + "\n  ".join(shown) + "\nRun with the config it was "
+                "written with, or use another --workdir for a new run.",
                 directory=self.directory, step=step, differences=lines)
 
     def close(self) -> None:
@@ -234,7 +237,6 @@ def nonfinite_leaves(tree) -> list[str]:
     floats = [(path, x) for path, x in flat if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
     if not floats:
         return []
-    from fdistill import sharding
     finite = sharding.to_host(_all_finite([x for _, x in floats]))
     return [_path_name(path) for (path, _), ok in zip(floats, finite) if not ok]
 
@@ -262,7 +264,6 @@ def _sha256(path: str) -> str:
 
 
 def _write_manifest(step_dir: str) -> None:
-    from fdistill.workdir import write_json
     files = {rel: {"size": os.path.getsize(os.path.join(step_dir, rel)),
                    "sha256": _sha256(os.path.join(step_dir, rel))} for rel in _files(step_dir)}
     write_json(os.path.join(step_dir, MANIFEST), {"algorithm": "sha256", "files": files})

@@ -14,6 +14,8 @@ import jax
 import numpy as np
 from PIL import Image
 
+from fdistill.workdir import write_json
+
 
 class Monitor:
     """Scalars to TensorBoard (process 0) and one console line per log step with steps/s and ETA."""
@@ -103,7 +105,6 @@ def write_results(workdir: str, results: dict) -> str:
     is not a JSON object (damaged by other means) is kept as ``results.json.invalid`` with a
     warning and replaced.
     """
-    from fdistill.workdir import write_json
     path = os.path.join(workdir, "results.json")
     if jax.process_index() != 0:
         return path
