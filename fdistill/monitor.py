@@ -6,12 +6,15 @@ get a logging-only writer so multi-host runs write one set of files.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 
 import jax
 import numpy as np
 from PIL import Image
+
+from fdistill.workdir import write_json
 
 
 class Monitor:
@@ -93,18 +96,30 @@ def panel_row(images: list[np.ndarray], *, gap: int = 4) -> np.ndarray:
 
 
 def write_results(workdir: str, results: dict) -> str:
-    """Merges ``results`` into ``workdir/results.json`` (machine-readable final metrics)."""
+    """Merges ``results`` into ``workdir/results.json`` (machine-readable final metrics).
+
+    Written atomically, so a run killed mid-write leaves the previous file; an existing file that
+    is not a JSON object (damaged by other means) is kept as ``results.json.invalid`` with a
+    warning and replaced.
+    """
     path = os.path.join(workdir, "results.json")
     if jax.process_index() != 0:
         return path
     old = {}
     if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
+        try:
+            with open(path) as f:
+                old = json.load(f)
+            if not isinstance(old, dict):
+                raise ValueError(f"a JSON {type(old).__name__}, not an object")
+        except ValueError as e:
+            os.replace(path, f"{path}.invalid")
+            logging.warning("%s was not valid results JSON (%s); kept as %s.invalid and "
+                            "replaced", path, e, path)
+            old = {}
     old.update(results)
     os.makedirs(workdir, exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(old, f, indent=2, sort_keys=True, default=_jsonable)
+    write_json(path, old, default=_jsonable)
     return path
 
 

@@ -7,27 +7,202 @@ inserts the all-gathers and reduce-scatters).
 """
 from __future__ import annotations
 
+import math
+import socket
+import time
+
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from fdistill.errors import ConfigError, FdistillError
 
 DATA_AXIS = "data"
 PARAM_SHARDINGS = ("replicated", "fsdp")
 
 
+DEFAULT_DISTRIBUTED_TIMEOUT_S = 30
+_HELLO = "fdistill-rendezvous"
+
+
+class DistributedInitError(FdistillError):
+    """The processes of a multi-host run did not all connect to the coordinator in time."""
+
+
 def initialize_distributed(coordinator_address: str | None = None,
                            num_processes: int | None = None,
                            process_id: int | None = None,
-                           local_device_ids: list[int] | None = None) -> None:
-    """Starts ``jax.distributed`` for a multi-host run.
+                           local_device_ids: list[int] | None = None, *,
+                           timeout_s: float = DEFAULT_DISTRIBUTED_TIMEOUT_S) -> None:
+    """Starts ``jax.distributed`` for a multi-host run, giving up after ``timeout_s`` seconds.
 
     With no arguments JAX auto-detects the cluster where it can (Cloud TPU, SLURM, Open MPI,
     Kubernetes); on a plain set of machines pass the coordinator ``host:port``, the number of
     processes and this process' id. Call before any other JAX call.
+
+    With an explicit coordinator, every process first meets at the coordinator's port
+    (``rendezvous``): a peer that never starts or a wrong address is then reported as a
+    ``DistributedInitError`` naming the address and the missing process ids.
     """
+    if not (timeout_s > 0 and math.isfinite(timeout_s)):
+        raise ConfigError(f"distributed timeout = {timeout_s!r}: must be a finite number of "
+                          f"seconds > 0 (--distributed_timeout)")
+    if coordinator_address and num_processes and num_processes > 1 and process_id is not None:
+        rendezvous(coordinator_address, int(num_processes), int(process_id), timeout_s)
     kwargs = dict(coordinator_address=coordinator_address, num_processes=num_processes,
                   process_id=process_id, local_device_ids=local_device_ids)
-    jax.distributed.initialize(**{k: v for k, v in kwargs.items() if v is not None})
+    jax.distributed.initialize(**{k: v for k, v in kwargs.items() if v is not None},
+                               initialization_timeout=max(1, math.ceil(timeout_s)))
+
+
+# Why a hand-written rendezvous: when a process does not register in time, jax.distributed
+# terminates the process from C++ (a fatal log saying "another task died"), so no Python error
+# can be caught and nothing names the missing process. Meeting first over a plain socket on the
+# coordinator's port (closed again before JAX binds it) turns that into a message.
+
+def _host_port(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ConfigError(f"coordinator address {address!r} is not host:port "
+                          f"(--coordinator_address)")
+    return host.strip("[]"), int(port)
+
+
+def _send(conn: socket.socket, line: str) -> None:
+    try:
+        conn.sendall(f"{line}\n".encode())
+    except OSError:  # that peer is gone; it reports its own failure
+        pass
+
+
+def _recv_line(conn: socket.socket, deadline: float) -> str | None:
+    """One newline-terminated line, or None on timeout / closed connection."""
+    data = b""
+    while not data.endswith(b"\n") and len(data) < 1024:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return None
+        conn.settimeout(remaining)
+        try:
+            chunk = conn.recv(1024)
+        except (socket.timeout, OSError):
+            return None
+        if not chunk:
+            return None
+        data += chunk
+    return data.decode(errors="replace").strip()
+
+
+def rendezvous(coordinator_address: str, num_processes: int, process_id: int,
+               timeout_s: float) -> None:
+    """Waits until all ``num_processes`` processes reached the coordinator (process 0), or
+    raises ``DistributedInitError`` naming the address and the missing process ids."""
+    if not 0 <= process_id < num_processes:
+        raise ConfigError(f"--process_id={process_id} must be in [0, {num_processes}) for "
+                          f"--num_processes={num_processes}")
+    host, port = _host_port(coordinator_address)
+    if process_id == 0:
+        _serve(coordinator_address, port, num_processes, timeout_s)
+    else:
+        _join(coordinator_address, host, port, num_processes, process_id, timeout_s)
+
+
+def _serve(address: str, port: int, num_processes: int, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    try:
+        if socket.has_dualstack_ipv6():
+            server = socket.create_server(("", port), family=socket.AF_INET6,
+                                          dualstack_ipv6=True)
+        else:
+            server = socket.create_server(("", port))
+    except OSError as e:
+        raise DistributedInitError(
+            f"process 0 cannot listen on port {port} of the coordinator {address}: {e}. Is "
+            f"another run using that port? Choose another --coordinator_address port.") from e
+    peers: dict[int, socket.socket] = {}
+    try:
+        with server:
+            while len(peers) < num_processes - 1:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                server.settimeout(remaining)
+                try:
+                    conn, _ = server.accept()
+                except socket.timeout:
+                    break
+                hello = (_recv_line(conn, min(deadline, time.monotonic() + 5.0)) or "").split()
+                if len(hello) != 3 or hello[0] != _HELLO or not all(h.isdigit()
+                                                                    for h in hello[1:]):
+                    conn.close()  # not one of ours
+                    continue
+                pid, count = int(hello[1]), int(hello[2])
+                problem = None
+                if count != num_processes:
+                    problem = (f"process {pid} was started with --num_processes={count}, "
+                               f"process 0 with --num_processes={num_processes}")
+                elif pid in peers or not 0 < pid < num_processes:
+                    problem = (f"two processes were started with --process_id={pid}"
+                               if pid in peers else
+                               f"--process_id={pid} is outside [1, {num_processes})")
+                if problem:
+                    for c in (conn, *peers.values()):
+                        _send(c, f"error {problem}")
+                    conn.close()
+                    raise DistributedInitError(f"multi-host start at coordinator {address}: "
+                                               f"{problem}.")
+                peers[pid] = conn
+            missing = sorted(set(range(1, num_processes)) - set(peers))
+            if missing:
+                for c in peers.values():
+                    _send(c, f"missing {','.join(map(str, missing))}")
+                raise DistributedInitError(
+                    f"process 0 waited {timeout_s:g} s at the coordinator {address} for the "
+                    f"other {num_processes - 1} process(es); process ids {missing} never "
+                    f"connected. Start them with --coordinator_address={address} "
+                    f"--num_processes={num_processes} --process_id=<id>, or give them longer "
+                    f"with --distributed_timeout.")
+            for c in peers.values():
+                _send(c, "go")
+            for c in peers.values():  # let each peer close first (its side keeps TIME_WAIT)
+                _recv_line(c, time.monotonic() + 2.0)
+    finally:
+        for c in peers.values():
+            c.close()
+
+
+def _join(address: str, host: str, port: int, num_processes: int, process_id: int,
+          timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            conn = socket.create_connection((host, port),
+                                            timeout=max(0.1, min(2.0, deadline - time.monotonic())))
+            break
+        except OSError as e:
+            if time.monotonic() >= deadline:
+                raise DistributedInitError(
+                    f"process {process_id} could not reach the coordinator {address} (process 0) "
+                    f"within {timeout_s:g} s ({e}). Start process 0 with "
+                    f"--coordinator_address={address} --num_processes={num_processes} "
+                    f"--process_id=0, check the address and port, or give it longer with "
+                    f"--distributed_timeout.") from None
+            time.sleep(0.2)
+    with conn:
+        conn.sendall(f"{_HELLO} {process_id} {num_processes}\n".encode())
+        # The coordinator decides by its own deadline, at most timeout_s after this connection.
+        reply = _recv_line(conn, time.monotonic() + timeout_s + 5.0)
+    if reply == "go":
+        return
+    if reply and reply.startswith("missing "):
+        raise DistributedInitError(
+            f"the coordinator {address} gave up waiting: process ids {reply.split()[1]} never "
+            f"connected (this is process {process_id}).")
+    if reply and reply.startswith("error "):
+        raise DistributedInitError(f"multi-host start at coordinator {address}: {reply[6:]}.")
+    raise DistributedInitError(
+        f"process {process_id} reached {address} but no fdistill coordinator answered there "
+        f"within {timeout_s:g} s; check --coordinator_address.")
 
 
 def make_mesh() -> Mesh:

@@ -102,7 +102,7 @@ def test_corrupt_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
     ckpt = checkpoint.Checkpointer(ckpt_dir)
     step, state = ckpt.restore_latest(out["state"])
     assert step == 2
-    assert "corrupt or incomplete" in caplog.text and os.path.join(ckpt_dir, "4") in caplog.text
+    assert "is damaged" in caplog.text and os.path.join(ckpt_dir, "4") in caplog.text
 
 
 def test_batch_not_divisible_by_devices_is_refused():

@@ -1,0 +1,167 @@
+"""Config values checked before anything compiles: each bad value is named by its field.
+
+``validate(config, mode)`` checks the sections ``mode`` reads (a field absent from a config is
+skipped: toy, image and video configs carry different sections). Every problem found is reported
+at once, one line per field, e.g. ``config.distill.student_optim.lr = nan: must be finite and >
+0``.
+"""
+from __future__ import annotations
+
+import math
+from numbers import Integral, Real
+
+from fdistill.errors import ConfigError
+
+# The sections each mode of fdistill.main reads (video configs share the mode names).
+TRAIN, SAMPLE, LIKELIHOOD, DISTILL, EVAL, FID_STATS, QUICKSTART = (
+    "train", "sample", "likelihood", "distill", "eval", "fid_stats", "quickstart")
+MODES = (TRAIN, SAMPLE, LIKELIHOOD, QUICKSTART, DISTILL, FID_STATS, EVAL)
+
+_MISSING = object()
+
+
+def _get(config, path: str):
+    node = config
+    for name in path.split("."):
+        if not hasattr(node, "get") or name not in node:
+            return _MISSING
+        node = node[name]
+    return node
+
+
+def _count(value) -> bool:
+    """A positive integer."""
+    return isinstance(value, Integral) and not isinstance(value, bool) and value > 0
+
+
+def _number(value) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool)
+
+
+class _Checks:
+    """Collects ``config.<path> = <value>: <rule>`` lines."""
+
+    def __init__(self, config):
+        self.config, self.problems = config, []
+
+    def _report(self, path: str, value, rule: str) -> None:
+        self.problems.append(f"config.{path} = {value!r}: {rule}")
+
+    def positive(self, path: str) -> None:
+        """Finite and > 0 (learning rates, eps)."""
+        v = _get(self.config, path)
+        if v is not _MISSING and not (_number(v) and math.isfinite(v) and v > 0):
+            self._report(path, v, "must be finite and > 0")
+
+    def nonnegative(self, path: str) -> None:
+        v = _get(self.config, path)
+        if v is not _MISSING and not (_number(v) and math.isfinite(v) and v >= 0):
+            self._report(path, v, "must be finite and >= 0")
+
+    def fraction(self, path: str, *, upper_open: bool = False) -> None:
+        """In [0, 1] (EMA rates) or [0, 1) (Adam betas)."""
+        v = _get(self.config, path)
+        ok = _number(v) and math.isfinite(v) and 0 <= v and (v < 1 if upper_open else v <= 1)
+        if v is not _MISSING and not ok:
+            self._report(path, v, f"must be in [0, 1{')' if upper_open else ']'}")
+
+    def integer(self, path: str, minimum: int) -> None:
+        v = _get(self.config, path)
+        if v is not _MISSING and not (isinstance(v, Integral) and not isinstance(v, bool)
+                                      and v >= minimum):
+            self._report(path, v, f"must be an integer >= {minimum}")
+
+    def multiple(self, path: str, of: str) -> None:
+        """``path`` is 0 (off) or a multiple of ``of`` (an evaluation at a log step); checked
+        only when both are valid integers (the integer checks report them otherwise)."""
+        v, base = _get(self.config, path), _get(self.config, of)
+        if _count(v) and _count(base) and v % base:
+            self._report(path, v, f"must be 0 (off) or a multiple of config.{of} = {base}")
+
+    def optimizer(self, path: str) -> None:
+        """A ``train.make_optimizer`` section."""
+        self.positive(f"{path}.lr")
+        self.integer(f"{path}.warmup", 0)
+        self.fraction(f"{path}.beta1", upper_open=True)
+        self.fraction(f"{path}.beta2", upper_open=True)
+        self.positive(f"{path}.eps")
+        self.nonnegative(f"{path}.weight_decay")
+        self.nonnegative(f"{path}.grad_clip")
+
+
+def _teacher_training(c: _Checks) -> None:
+    c.optimizer("optim")
+    for name in ("batch_size", "num_steps", "log_every", "ckpt_every", "keep_checkpoints"):
+        c.integer(f"training.{name}", 1)
+    c.fraction("training.ema_rate")
+    c.integer("eval.every", 0)
+    if _count(_get(c.config, "eval.every")):
+        c.multiple("eval.every", "training.log_every")
+        c.integer("eval.periodic_num_samples", 1)
+        c.integer("eval.batch_size", 1)
+
+
+def _sampling(c: _Checks) -> None:
+    for name in ("num_samples", "batch_size", "num_steps"):
+        c.integer(f"sampling.{name}", 1)
+    c.integer("eval.num_clips", 1)            # video sampling
+    c.integer("eval.rollout_factor", 1)
+
+
+def _distillation(c: _Checks) -> None:
+    distill = _get(c.config, "distill")
+    if distill is _MISSING:
+        c.problems.append("config.distill is missing: --mode=distill needs a distill config "
+                          "(configs/distill_*.py, or configs/video*.py for video)")
+        return
+    for name in sorted(distill.keys()):
+        if name.endswith("_optim"):
+            c.optimizer(f"distill.{name}")
+    for name in ("batch_size", "fkl_batch_size", "num_steps", "num_iters", "log_every",
+                 "ckpt_every", "keep_checkpoints", "num_eval_samples", "eval_batch_size",
+                 "critic_ratio", "num_pairs", "pair_substeps", "num_noise_steps",
+                 "student_steps"):
+        c.integer(f"distill.{name}", 1)
+    c.integer("distill.student_update_every", 2)
+    c.integer("distill.ode_init_steps", 0)
+    c.integer("distill.eval_every", 0)
+    c.fraction("distill.ema_rate")
+    c.multiple("distill.eval_every", "distill.log_every")
+    if _count(_get(c.config, "distill.eval_every")):
+        c.integer("eval.periodic_num_samples", 1)
+        c.integer("eval.batch_size", 1)
+
+
+def _evaluation(c: _Checks) -> None:
+    c.integer("eval.num_samples", 1)
+    c.integer("eval.batch_size", 1)
+
+
+_MODE_CHECKS = {
+    TRAIN: (_teacher_training,),
+    SAMPLE: (_sampling,),
+    LIKELIHOOD: (lambda c: (c.integer("eval.num_examples", 1),
+                            c.integer("sampling.batch_size", 1)),),
+    QUICKSTART: (_teacher_training, _sampling),
+    DISTILL: (_distillation,),
+    FID_STATS: (_evaluation,),
+    EVAL: (_evaluation,),
+}
+
+
+def problems(config, mode: str) -> list[str]:
+    """One line per bad value among the fields ``mode`` reads."""
+    if mode not in _MODE_CHECKS:
+        raise ConfigError(f"unknown mode {mode!r}; valid modes: {', '.join(MODES)}")
+    checks = _Checks(config)
+    for check in _MODE_CHECKS[mode]:
+        check(checks)
+    return checks.problems
+
+
+def validate(config, mode: str) -> None:
+    """Raises ``ConfigError`` listing every bad value ``mode`` would read, each by its field."""
+    found = problems(config, mode)
+    if found:
+        raise ConfigError(f"invalid config for --mode={mode}:\n  " + "\n  ".join(found)
+                          + "\nSet each with --config.<field>=<value>.")
