@@ -12,7 +12,8 @@ from __future__ import annotations
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from fdistill import modes, quickstart
+from fdistill import errors, modes, quickstart, sharding, validation
+from fdistill import workdir as workdir_lib
 
 # mode -> fn(config, workdir) -> results dict
 MODES = {
@@ -33,25 +34,33 @@ flags.DEFINE_bool("distributed", False, "Initialise jax.distributed with cluster
 flags.DEFINE_string("coordinator_address", None, "Multi-host coordinator host:port.")
 flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
 flags.DEFINE_integer("process_id", None, "Multi-host: this process' id.")
+flags.DEFINE_integer("distributed_timeout", sharding.DEFAULT_DISTRIBUTED_TIMEOUT_S,
+                     "Multi-host: seconds to wait for every process to join.")
+flags.DEFINE_bool("verbose", False, "Print the full traceback of an error.")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
 
 def run(config, workdir: str, mode: str) -> dict:
-    """Runs ``mode`` (a key of ``MODES``) and returns its results dict."""
+    """Runs ``mode`` (a key of ``MODES``) and returns its results dict: the config is validated
+    before anything compiles, and the workdir is locked against a second run."""
     if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; valid modes: {', '.join(MODES)}")
-    return MODES[mode](config, workdir)
+        raise errors.ConfigError(f"unknown mode {mode!r}; valid modes: {', '.join(MODES)}")
+    validation.validate(config, mode)
+    if mode == "distill":
+        workdir_lib.check_not_teacher_workdir(workdir, config.distill.get("teacher_workdir", ""))
+    with workdir_lib.lock(workdir, mode=mode):
+        return MODES[mode](config, workdir)
 
 
 def main(argv):
     del argv
-    if FLAGS.distributed or FLAGS.coordinator_address:
-        from fdistill import sharding
-        sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
-                                        FLAGS.process_id)
     logging.set_verbosity(logging.WARNING)
-    run(FLAGS.config, FLAGS.workdir, FLAGS.mode)
+    if FLAGS.distributed or FLAGS.coordinator_address:
+        errors.cli_errors(sharding.initialize_distributed, FLAGS.coordinator_address,
+                          FLAGS.num_processes, FLAGS.process_id,
+                          timeout_s=FLAGS.distributed_timeout, verbose=FLAGS.verbose)
+    errors.cli_errors(run, FLAGS.config, FLAGS.workdir, FLAGS.mode, verbose=FLAGS.verbose)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ functions and never builds models.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -84,6 +85,28 @@ def run_config(config, workdir: str) -> ml_collections.ConfigDict:
     return resolve_config(config, recorded, sections)
 
 
+@contextlib.contextmanager
+def recorded_run(workdir: str, config, mode: str):
+    """Records ``config`` in ``<workdir>/config.json`` for the run inside the block. A checkpoint
+    there that does not fit the config is reported with the fields that differ from the previous
+    record, and the previous record is put back (it still describes the checkpoint)."""
+    path = os.path.join(workdir, workdir_lib.CONFIG_FILE)
+    previous = None
+    if os.path.isfile(path):
+        with open(path) as f:
+            previous = f.read()
+    explanation = workdir_lib.explain_mismatch(workdir, config)
+    workdir_lib.write_config(workdir, config, mode=mode)
+    try:
+        yield
+    except checkpoint.CheckpointMismatchError as e:
+        if previous is not None and jax.process_index() == 0:
+            workdir_lib.write_json(path, json.loads(previous))
+        raise checkpoint.CheckpointMismatchError(
+            str(e) + explanation, directory=e.directory, step=e.step,
+            differences=e.differences) from None
+
+
 def is_video(config) -> bool:
     return config.data.name == "video"
 
@@ -111,9 +134,10 @@ def load_teacher(config, workdir: str, *, use_ema: bool | None = None) -> tuple[
                                                   train.make_optimizer(config.optim))
     try:
         step, state = ckpt.restore_latest(template)
-    except checkpoint.CheckpointError as e:
-        raise ValueError(f"{e}. If the checkpoint is fine, check that the config's model "
-                         f"matches the one it was trained with ({workdir}).") from e
+    except checkpoint.CheckpointMismatchError as e:
+        raise checkpoint.CheckpointMismatchError(
+            str(e) + workdir_lib.explain_mismatch(workdir, config), directory=e.directory,
+            step=e.step, differences=e.differences) from None
     finally:
         ckpt.close()
     return train.merge(graphdef, state["ema" if use_ema else "params"], others), step
@@ -248,7 +272,6 @@ def _print(message: str) -> None:
 def train_teacher(config, workdir: str) -> dict:
     """``--mode=train``: trains the teacher of ``config`` (images, toys or video); returns (and
     writes to results.json) its final metrics. Resumes from ``workdir/checkpoints``."""
-    workdir_lib.write_config(workdir, config, mode="train")
     mesh = sharding.make_mesh()
     t = config.training
     sharding.check_batch_size(t.batch_size, mesh)
@@ -283,9 +306,10 @@ def train_teacher(config, workdir: str) -> dict:
         on_log = scoring.periodic_hook(config, workdir, draw_for_state,
                                        every=config.eval.get("every", 0), log_every=t.log_every)
     t0, history = time.time(), []
-    state, metrics = train.fit(workdir=workdir, state=state, state_sharding=shardings,
-                               step_fn=step_fn, loop=train.LoopConfig.from_config(t),
-                               history=history, on_log=on_log)
+    with recorded_run(workdir, config, "train"):
+        state, metrics = train.fit(workdir=workdir, state=state, state_sharding=shardings,
+                                   step_fn=step_fn, loop=train.LoopConfig.from_config(t),
+                                   history=history, on_log=on_log)
     results = {"mode": "train", "steps": int(sharding.to_host(state["step"])),
                "train_seconds": time.time() - t0, **{f"final/{k}": v for k, v in metrics.items()}}
     monitor.write_results(workdir, results)
@@ -441,7 +465,6 @@ def distill(config, workdir: str) -> dict:
     if os.path.abspath(workdir) == os.path.abspath(config.distill.teacher_workdir):
         raise ValueError(f"--workdir={workdir} is the teacher's own workdir "
                          f"(config.distill.teacher_workdir): distil into a new directory.")
-    workdir_lib.write_config(workdir, config, mode="distill")
     dc = config.distill
     mesh = sharding.make_mesh()
     try:
@@ -481,9 +504,10 @@ def distill(config, workdir: str) -> dict:
     on_log = scoring.periodic_hook(config, workdir, draw_for_state,
                                    every=dc.get("eval_every", 0), log_every=dc.log_every)
     t0 = time.time()
-    state, metrics = train.fit(workdir=workdir, state=distillation.initial_state,
-                               state_sharding=distillation.state_sharding, step_fn=step_fn,
-                               loop=train.LoopConfig.from_config(dc), on_log=on_log)
+    with recorded_run(workdir, config, "distill"):
+        state, metrics = train.fit(workdir=workdir, state=distillation.initial_state,
+                                   state_sharding=distillation.state_sharding, step_fn=step_fn,
+                                   loop=train.LoopConfig.from_config(dc), on_log=on_log)
     seconds = time.time() - t0
     results = {"mode": "distill", "divergence": distillation.objective.divergence.name,
                "steps": int(sharding.to_host(state["step"])), "teacher_step": teacher_step,

@@ -23,12 +23,14 @@ import optax
 from flax import nnx
 
 from fdistill import checkpoint, monitor, sharding
+from fdistill.errors import FdistillError
 
 State = dict[str, Any]
 
 
-class NonFiniteError(FloatingPointError):
-    """A loss or gradient became NaN or infinite; the last good checkpoint is kept."""
+class NonFiniteError(FdistillError, FloatingPointError):
+    """A loss, gradient or updated state became NaN or infinite; the last good checkpoint is
+    kept."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,7 +203,11 @@ def fit(*, workdir: str, state: State, state_sharding, step_fn: Callable[[State,
     """
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
                                    max_to_keep=loop.keep_checkpoints)
-    start, state = ckpt.restore_latest(state)
+    try:
+        start, state = ckpt.restore_latest(state)
+    except BaseException:
+        ckpt.close()
+        raise
     start = 0 if start is None else start
     if start:
         state = jax.device_put(state, state_sharding)

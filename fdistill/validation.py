@@ -117,9 +117,9 @@ def _distillation(c: _Checks) -> None:
     for name in sorted(distill.keys()):
         if name.endswith("_optim"):
             c.optimizer(f"distill.{name}")
-    for name in ("batch_size", "fkl_batch_size", "num_steps", "num_iters", "log_every",
+    for name in ("batch_size", "fkl_batch_size", "num_steps", "log_every",
                  "ckpt_every", "keep_checkpoints", "num_eval_samples", "eval_batch_size",
-                 "critic_ratio", "num_pairs", "pair_substeps", "num_noise_steps",
+                 "num_pairs", "pair_substeps", "num_noise_steps",
                  "student_steps"):
         c.integer(f"distill.{name}", 1)
     c.integer("distill.student_update_every", 2)
