@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fdistill import sde
+from fdistill import sampling, sde
 from fdistill.models import video as V
 from fdistill.video import hiar
 from tests.test_video_model import BS, SIZE, T, tiny_denoiser
@@ -147,21 +147,22 @@ def test_bad_sampler_inputs():
         hiar.step_mesh(len(jax.devices()) + 1)
 
 
-def test_heun_solves_the_gaussian_probability_flow_to_second_order():
+def test_heun_trajectory_solves_the_gaussian_probability_flow_to_second_order():
     """Data N(0, s^2) per pixel: D(x, sigma) = s^2 / (s^2 + sigma^2) x, and the PF-ODE maps x_T
-    to x_T sqrt(s^2 + sigma^2) / sqrt(s^2 + sigma_max^2); Heun's error falls ~4x per doubling."""
+    to x_T sqrt(s^2 + sigma^2) / sqrt(s^2 + sigma_max^2); Heun's error falls ~4x per doubling;
+    the recorded states are the trajectory's (the teacher's ODE pairs use this)."""
     s = 0.5
-    model = lambda x, sigma: (s ** 2 / (s ** 2 + sigma ** 2))[:, :, None, None, None] * x
+    model = lambda x, sigma: (s ** 2 / (s ** 2 + sigma ** 2))[:, None, None, None, None] * x
     x_T = 80.0 * jax.random.normal(jax.random.key(0), (2, T, SIZE, SIZE, 1))
     exact = lambda sigma: x_T * np.sqrt(s ** 2 + sigma ** 2) / np.sqrt(s ** 2 + 80.0 ** 2)
     errors = []
     for n in (20, 40):
         grid = np.asarray(sde.EDM().karras_sigmas(n))
-        x0, kept = hiar.heun(model, x_T, grid, record=(0, n // 2))
+        x0, kept = sampling.heun_trajectory(model, x_T, grid, record=(0, n // 2))
         np.testing.assert_array_equal(kept[0], x_T)
         np.testing.assert_allclose(kept[1], exact(grid[n // 2]), rtol=2e-2)
         errors.append(float(jnp.abs(x0 - exact(0.0)).max() / jnp.abs(exact(0.0)).max()))
-        assert hiar.heun_nfe(grid) == 2 * n - 1
+        assert sampling.grid_nfe(grid) == 2 * n - 1
     assert errors[1] < 1e-2 and errors[0] / errors[1] > 3, errors
 
 
