@@ -1,0 +1,144 @@
+"""ADM (EDM's DhariwalUNet): parameter counts of EDM's settings, interface, features, errors.
+
+Numerical parity with an independent reimplementation of EDM's network is in test_edm_import.py.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import distill_imagenet64, imagenet64
+from fdistill.models import Discriminator, DhariwalUNet, get_model
+
+TINY = dict(model_channels=64, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(4,), dropout=0.1)
+
+
+def n_params(module) -> int:
+    return sum(x.size for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
+
+
+def ref_dhariwal_params(img, c, label_dim, mc, mult, emb_mult, nb, attn):
+    """Parameter count of EDM's DhariwalUNet read off its layer list (independent of our modules):
+    conv k: k*k*ci*co + co, linear: ci*co + co (the label map has no bias), GroupNorm: 2C; blocks
+    have a 2C-wide affine (scale and shift), a 1x1 skip only when channels change (up/down blocks
+    resample without weights), attention GN + qkv + proj; augment layer omitted."""
+    conv = lambda ci, co, k: k * k * ci * co + co
+    lin = lambda ci, co: ci * co + co
+    E = mc * emb_mult
+
+    def block(ci, co, att):
+        n = 2 * ci + conv(ci, co, 3) + lin(E, 2 * co) + 2 * co + conv(co, co, 3)
+        n += conv(ci, co, 1) if ci != co else 0
+        return n + (2 * co + conv(co, 3 * co, 1) + conv(co, co, 1) if att else 0)
+
+    total = lin(mc, E) + lin(E, E) + label_dim * E
+    skips, cout = [], c
+    for lvl, m in enumerate(mult):
+        res = img >> lvl
+        if lvl == 0:
+            total, cout = total + conv(c, mc * m, 3), mc * m
+        else:
+            total += block(cout, cout, False)
+        skips.append(cout)
+        for _ in range(nb):
+            total, cout = total + block(cout, mc * m, res in attn), mc * m
+            skips.append(cout)
+    for lvl in reversed(range(len(mult))):
+        res = img >> lvl
+        total += (block(cout, cout, True) + block(cout, cout, False) if lvl == len(mult) - 1
+                  else block(cout, cout, False))
+        for _ in range(nb + 1):
+            ci = cout + skips.pop()
+            total, cout = total + block(ci, mc * mult[lvl], res in attn), mc * mult[lvl]
+    return total + 2 * cout + conv(cout, c, 3)
+
+
+def test_imagenet64_setting_has_edms_parameter_count_and_bottleneck():
+    net = nnx.eval_shape(lambda: DhariwalUNet(64, 3, 3, label_dim=1000, rngs=nnx.Rngs(0)))
+    assert n_params(net) == 295_899_267   # EDM's edm-imagenet-64x64-cond-adm
+    assert n_params(net) == ref_dhariwal_params(64, 3, 1000, 192, (1, 2, 3, 4), 4, 3, (32, 16, 8))
+    assert net.feature_channels == {64: 192, 32: 384, 16: 576, 8: 768}
+
+
+@pytest.mark.parametrize("kw", [dict(label_dim=0, model_channels=64, channel_mult=(1, 2, 2), num_blocks=2,
+                                     attn_resolutions=(8, 4)),
+                                dict(label_dim=7, model_channels=128, channel_mult=(1, 3), num_blocks=1,
+                                     attn_resolutions=(16,), channel_mult_emb=2)])
+def test_parameter_count_follows_edms_layer_list(kw):
+    net = nnx.eval_shape(lambda: DhariwalUNet(16, 3, 3, rngs=nnx.Rngs(0), **kw))
+    assert n_params(net) == ref_dhariwal_params(16, 3, kw["label_dim"], kw["model_channels"], kw["channel_mult"],
+                                                kw.get("channel_mult_emb", 4), kw["num_blocks"],
+                                                kw["attn_resolutions"])
+
+
+def test_imagenet64_configs_build_adm_with_edms_settings():
+    for config in (imagenet64.get_config(), distill_imagenet64.get_config()):
+        model = nnx.eval_shape(lambda: get_model(config, rngs=nnx.Rngs(0)))
+        assert isinstance(model.net, DhariwalUNet)
+        assert n_params(model) == 295_899_267
+        assert model.feature_channels[8] == 768
+        assert config.model.precond == "edm" and config.process.name == "edm"
+    assert distill_imagenet64.get_config().distill.disc_resolutions == (8,)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    net = DhariwalUNet(8, 3, 3, label_dim=5, rngs=nnx.Rngs(0), **TINY)
+    graphdef, state = nnx.split(net)
+
+    @jax.jit
+    def run(state, x, c_noise, labels, key):
+        net = nnx.merge(graphdef, state)
+        out, feats = net(x, c_noise, labels, return_features=True)
+        dropped = net(x, c_noise, labels, key=key)
+        null = net(x, c_noise, None)
+        zeros = net(x, c_noise, jnp.zeros_like(labels))
+        return out, feats, dropped, null, zeros
+
+    return net, graphdef, state, run
+
+
+def _inputs(n=2):
+    x = jax.random.normal(jax.random.key(0), (n, 8, 8, 3))
+    return x, jnp.linspace(-1., 1., n), jax.nn.one_hot(jnp.arange(n) % 5, 5)
+
+
+def test_edm_initialisation_zeroes_the_output(tiny):
+    # EDM initialises ADM's output convolution (and every block's conv1 / proj) to zero, so an
+    # untrained network outputs exactly 0 and the denoiser starts as c_skip x.
+    net, graphdef, state, run = tiny
+    out, feats, *_ = run(state, *_inputs(), jax.random.key(1))
+    assert out.shape == (2, 8, 8, 3) and not np.any(np.asarray(out))
+    assert not np.any(np.asarray(net.out_conv.weight[...])) and not np.any(np.asarray(net.enc["8x8_block0"].conv1.weight[...]))
+    assert sorted(feats) == [4, 8] and feats[4].shape == (2, 4, 4, 128) and feats[8].shape == (2, 8, 8, 64)
+    assert net.feature_channels == {8: 64, 4: 128}
+
+
+def test_labels_dropout_and_features_once_trained(tiny):
+    net, graphdef, state, run = tiny
+    leaves, treedef = jax.tree.flatten(state)
+    keys = jax.random.split(jax.random.key(2), len(leaves))
+    state = jax.tree.unflatten(treedef, [x + 0.05 * jax.random.normal(k, x.shape) if x.ndim else x
+                                         for x, k in zip(leaves, keys)])
+    out, feats, dropped, null, zeros = run(state, *_inputs(), jax.random.key(1))
+    out, dropped, null, zeros = map(np.asarray, (out, dropped, null, zeros))
+    assert np.abs(out).max() > 1e-3 and np.all(np.isfinite(out))
+    assert np.abs(dropped - out).max() > 1e-4                  # dropout is active only with a key
+    assert np.abs(null - out).max() > 1e-4                     # the class label enters the embedding
+    np.testing.assert_allclose(null, zeros, rtol=1e-6, atol=1e-6)  # None = EDM's all-zeros label
+    disc = Discriminator(net.feature_channels, (4,), rngs=nnx.Rngs(0))
+    assert disc(feats).shape == (2, 1)
+
+
+def test_bad_arguments_and_inputs_give_clear_errors(tiny):
+    with pytest.raises(ValueError, match="32 channels cannot be split into 0 heads"):
+        DhariwalUNet(8, 3, 3, model_channels=32, channel_mult=(1,), num_blocks=1, attn_resolutions=(8,),
+                     rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="not among the network resolutions"):
+        DhariwalUNet(8, 3, 3, model_channels=64, channel_mult=(1, 2), attn_resolutions=(16,), rngs=nnx.Rngs(0))
+    net = tiny[0]
+    with pytest.raises(ValueError, match="NHWC input"):
+        net(jnp.zeros((1, 3, 8, 8)), jnp.zeros((1,)))
+    with pytest.raises(ValueError, match="one-hot"):
+        net(jnp.zeros((1, 8, 8, 3)), jnp.zeros((1,)), jnp.zeros((1, 4)))
