@@ -5,6 +5,7 @@ teacher workdir (restore and Heun sampling), and errors for files that are not s
 The snapshots are small random-weight networks pickled the way EDM's training loop pickles them
 (tests/edm_reference.py); EDM's `torch_utils` and `dnnlib` exist only while a pickle is written.
 """
+import importlib
 import json
 import os
 import pickle
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from fdistill import generate, train, workdir
+from fdistill import generate, models, train, workdir
 from fdistill.models import DDPMpp, DhariwalUNet, edm_import
 from tests import edm_reference as ref
 
@@ -184,3 +185,35 @@ def test_snapshot_that_disagrees_with_its_recorded_architecture(tmp_path):
     ref.write_snapshot(tmp_path / "bad.pkl", net)
     with pytest.raises(edm_import.EDMImportError, match="does not match the architecture.*missing"):
         edm_import.load(str(tmp_path / "bad.pkl"))
+
+
+def published_record(model_type, model_kwargs, label_dim, resolution):
+    """The `ema` record of an EDMPrecond snapshot as EDM's train.py constructs it (no weights)."""
+    model = edm_import.PersistentRecord(model_type, {"_init_kwargs": dict(
+        img_resolution=resolution, in_channels=3, out_channels=3, label_dim=label_dim, **model_kwargs)})
+    return edm_import.PersistentRecord("EDMPrecond", {"sigma_min": 0, "sigma_max": float("inf"),
+                                                      "sigma_data": 0.5, "_modules": {"model": model}})
+
+
+@pytest.mark.parametrize("name", ["distill_cifar10", "distill_imagenet64"])
+def test_distill_configs_rebuild_the_published_teachers(name):
+    """The distill configs' teacher sections are what importing EDM's published snapshot gives
+    (`--cond=1 --arch=ddpmpp` with EDM's default augmentation and dropout 0.13; `--arch=adm`)."""
+    if name == "distill_cifar10":
+        kw = dict(embedding_type="positional", encoder_type="standard", decoder_type="standard",
+                  channel_mult_noise=1, resample_filter=[1, 1], model_channels=128, channel_mult=[2, 2, 2],
+                  augment_dim=9, dropout=0.13)
+        ema, dataset = published_record("SongUNet", kw, 10, 32), "datasets/cifar10-32x32.zip"
+    else:
+        kw = dict(model_channels=192, channel_mult=[1, 2, 3, 4], dropout=0.1)
+        ema, dataset = published_record("DhariwalUNet", kw, 1000, 64), "datasets/imagenet-64x64.zip"
+    imported = edm_import.snapshot_config({"ema": ema, "dataset_kwargs": {"path": dataset}})
+    config = importlib.import_module(f"configs.{name}").get_config()
+    assert config.distill.teacher_workdir and config.import_edm.pkl.startswith("edm-")
+    fields = models.ADM_FIELDS if imported.model.name == "adm" else models.UNET_FIELDS
+    for field in ("name", "precond") + fields:
+        assert config.model[field] == imported.model[field], field
+    for field in ("name", "sigma_min", "sigma_max", "sigma_data"):
+        assert config.process[field] == imported.process[field], field
+    for field in ("name", "image_size", "num_channels", "num_classes"):
+        assert config.data[field] == imported.data[field], field

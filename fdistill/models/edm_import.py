@@ -21,7 +21,9 @@ DhariwalUNet (ADM). The preconditionings map onto `Denoiser`'s table (EDM Table 
 
 Tensors change layout only (convolutions OIHW -> HWIO, linear [out, in] -> [in, out]). EDM's
 augmentation-label layer (`map_augment`, augment_dim > 0: the CIFAR-10 models) is dropped: EDM
-applies it only when given augmentation labels, which sampling never passes.
+applies it only when given augmentation labels, which sampling never passes. EDM runs snapshots
+trained in half precision (`use_fp16`, the ImageNet-64 ADM) in float16 on GPUs; the imported teacher
+computes in float32, as EDM does with `force_fp32`.
 
     from fdistill.models import edm_import
     teacher, config = edm_import.load("edm-cifar10-32x32-cond-vp.pkl")
@@ -125,7 +127,7 @@ def _tensors(state: dict, prefix: str) -> dict[str, Any]:
             if value is not None:
                 out[prefix + name] = value
     for name, child in (state.get("_modules") or {}).items():
-        if child is not None:
+        if isinstance(child, (PersistentRecord, TorchModuleRecord)):
             out.update(child.tensors(f"{prefix}{name}."))
     return out
 
@@ -364,7 +366,7 @@ def _load_weights(config, net_record: PersistentRecord, augment_dim: int):
     missing = sorted(k for k in ours if k not in tensors)
     wrong = [f"{k}: snapshot {tuple(tensors[k].shape)}, expected {_edm_layout(tuple(v.shape))}"
              for k, v in ours.items() if k in tensors and tuple(tensors[k].shape) != _edm_layout(tuple(v.shape))]
-    kernel = _resample_kernel(config.model.get("resample_filter", (1, 1)) if config.model.name != "adm" else (1, 1))
+    kernel = _resample_kernel((1, 1) if config.model.name == "adm" else config.model.resample_filter)
     extra, filters = [], []
     for k, v in tensors.items():
         if k in ours:
