@@ -17,7 +17,7 @@ import pytest
 from flax import nnx
 
 from fdistill import generate, models, train, workdir
-from fdistill.models import DDPMpp, DhariwalUNet, edm_import
+from fdistill.models import DDPMpp, edm_import
 from tests import edm_reference as ref
 
 SONG = dict(model_channels=32, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], dropout=0.13)
@@ -70,8 +70,6 @@ def test_edm_call_equals_edm_denoiser(tmp_path, name):
     expect = ref.reference_call(net, x, SIGMAS, labels)
     assert out.shape == x.shape and np.abs(expect).max() > 0.1
     assert relative_error(out, expect) < 1e-4, relative_error(out, expect)
-    if name == "edm-adm-cond-augment":   # no label = EDM's all-zeros label
-        assert relative_error(call(state, x, SIGMAS, None), ref.reference_call(net, x, SIGMAS)) < 1e-4
     # The config rebuilds the teacher, and EDM's parameter names and shapes are the reference's.
     rebuilt = nnx.eval_shape(lambda: train.build_model(config))
     assert jax.tree.structure(nnx.state(rebuilt)) == jax.tree.structure(nnx.state(teacher))
@@ -81,7 +79,8 @@ def test_edm_call_equals_edm_denoiser(tmp_path, name):
 
 
 def test_edm_parameter_counts_of_published_settings():
-    """EDM's CIFAR-10 conditional DDPM++ (augment_dim 9) and ImageNet-64 ADM, shapes only."""
+    """EDM's CIFAR-10 conditional DDPM++ with and without its augmentation layer, shapes only (ADM's
+    ImageNet-64 count is in test_adm.py)."""
     ddpmpp = nnx.eval_shape(lambda: DDPMpp(32, 3, 3, label_dim=10, rngs=nnx.Rngs(0)))
     count = lambda shapes: sum(int(np.prod(s)) for s in shapes.values())
     assert count(edm_import.edm_parameter_shapes(ddpmpp, augment_dim=9)) == 55_735_299
@@ -90,8 +89,6 @@ def test_edm_parameter_counts_of_published_settings():
     shapes = edm_import.edm_parameter_shapes(ddpmpp, augment_dim=9)
     assert shapes["map_augment.weight"] == (128, 9) and shapes["enc.32x32_conv.weight"] == (128, 3, 3, 3)
     assert shapes["map_label.weight"] == (128, 10)
-    adm = nnx.eval_shape(lambda: DhariwalUNet(64, 3, 3, label_dim=1000, rngs=nnx.Rngs(0)))
-    assert count(edm_import.edm_parameter_shapes(adm)) == 295_899_267
 
 
 @pytest.fixture(scope="module")
