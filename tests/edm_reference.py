@@ -210,11 +210,12 @@ class SongUNet(torch.nn.Module):
             else:
                 self.enc[f"{res}x{res}_down"] = UNetBlock(cout, cout, down=True, **blk)
                 if encoder_type == "skip":
-                    self.enc[f"{res}x{res}_aux_down"] = Conv2d(caux, caux, 0, down=True, resample_filter=resample_filter)
+                    self.enc[f"{res}x{res}_aux_down"] = Conv2d(caux, caux, 0, down=True,
+                                                               resample_filter=resample_filter)
                     self.enc[f"{res}x{res}_aux_skip"] = Conv2d(caux, cout, 1)
                 if encoder_type == "residual":
-                    self.enc[f"{res}x{res}_aux_residual"] = Conv2d(caux, cout, 3, down=True, resample_filter=resample_filter,
-                                                                   fused_resample=True)
+                    self.enc[f"{res}x{res}_aux_residual"] = Conv2d(
+                        caux, cout, 3, down=True, resample_filter=resample_filter, fused_resample=True)
                     caux = cout
             for idx in range(num_blocks):
                 cin, cout = cout, model_channels * mult
