@@ -29,7 +29,9 @@ setup(
     install_requires=INSTALL_REQUIRES,
     extras_require={
         "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "nbclient==0.11.0", "nbformat==5.11.1", "ipykernel==7.4.0",
-                 "matplotlib==3.11.2"],
+                 "matplotlib==3.11.2", "torch==2.13.0"],
+        # Reading EDM's snapshot pickles (fdistill.models.edm_import); nothing else needs torch.
+        "edm": ["torch==2.13.0"],
         "notebooks": ["matplotlib==3.11.2", "nbclient==0.11.0",
                       "nbformat==5.11.1", "ipykernel==7.4.0"],
     },

@@ -32,7 +32,7 @@ def get_default_config() -> ml_collections.ConfigDict:
     p.N = 1000
 
     c.model = m = ml_collections.ConfigDict()
-    m.name = "mlp"            # ddpmpp | ncsnpp | mlp
+    m.name = "mlp"            # ddpmpp | ncsnpp | adm | mlp
     m.precond = "edm"         # edm | vp | ve
     m.model_channels = 128
     m.channel_mult = (2, 2, 2)

@@ -24,6 +24,7 @@ MODES = {
     "fid_stats": modes.fid_stats,
     "eval": modes.evaluate,
     "quickstart": quickstart.run,
+    "import_edm": modes.import_edm,
 }
 
 config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.",

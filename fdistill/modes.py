@@ -35,6 +35,7 @@ from fdistill import likelihood as likelihood_lib
 from fdistill import objective as objective_lib
 from fdistill import student as student_lib
 from fdistill import workdir as workdir_lib
+from fdistill.models import edm_import
 from fdistill.evaluation import fid as fid_lib
 from fdistill.evaluation import scoring
 from fdistill.evaluation import toy as toy_eval
@@ -691,6 +692,34 @@ def evaluate(config, workdir: str) -> dict:
     monitor.write_results(workdir, results)
     _print(f"{generator['model']} ({generator['nfe']} nfe), {n} samples: " + "  ".join(
         f"{name}={v:.4g}" for name, v in out.items()))
+    return results
+
+
+def import_edm(config, workdir: str) -> dict:
+    """``--mode=import_edm``: writes the EDM snapshot ``config.import_edm.pkl`` as a teacher run
+    (``config.json`` and a checkpoint in the teacher loop's layout, parameters and EMA both the
+    snapshot's EMA weights), which sample, eval and distill then use without torch."""
+    pkl = config.get("import_edm", {}).get("pkl", "") if "import_edm" in config else ""
+    if not pkl:
+        raise ValueError("config.import_edm.pkl is empty: pass the snapshot, e.g. "
+                         "--config.import_edm.pkl=edm-cifar10-32x32-cond-vp.pkl")
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
+        raise FileExistsError(f"{ckpt_dir} already holds checkpoints; import into an empty "
+                              f"workdir.")
+    teacher, imported = edm_import.load(pkl)
+    workdir_lib.write_config(workdir, imported, mode="import_edm")
+    _, _, state = train.init_state(teacher, train.make_optimizer(imported.optim))
+    with checkpoint.Checkpointer(ckpt_dir, max_to_keep=1) as ckpt:
+        ckpt.save(0, state)
+    num_params = sum(x.size for x in jax.tree.leaves(state["params"]))
+    results = {"mode": "import_edm", "import_edm/pkl": os.path.abspath(pkl),
+               "import_edm/model": imported.model.name,
+               "import_edm/precond": imported.model.precond,
+               "import_edm/num_params": int(num_params)}
+    monitor.write_results(workdir, results)
+    _print(f"{pkl} -> {workdir}: {imported.model.name} ({num_params:,} parameters), precond "
+           f"{imported.model.precond}, process {imported.process.name}")
     return results
 
 

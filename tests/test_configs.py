@@ -11,6 +11,7 @@ from flax import nnx
 
 from fdistill import main, models
 from fdistill.models import video
+from tests.test_adm import ref_dhariwal_params
 from tests.test_models import ref_songunet_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,11 +25,12 @@ BASES = {"cifar10": ("cifar10_edm_ddpmpp", "cifar10_vp_ddpmpp", "cifar10_ve_ncsn
 #   bias; tests/test_models.py); conditional adds map_label Linear(10, 128) = 1,408.
 #   toy MLP (h = 128, depth 4, 2-D): 2 mapping layers + 4 blocks x 3 layers of h^2 + h, plus
 #   in (2h + h) and out (2h + 2) = 231,810. Video transformer (D = 64, depth 4, 4x4 patches of
-#   1 channel, 16 tokens/frame): 318,544 (see `video_transformer_params`).
+#   1 channel, 16 tokens/frame): 318,544 (see `video_transformer_params`). EDM's ImageNet-64 ADM
+#   (edm-imagenet-64x64-cond-adm): 295,899,267.
 EXPECTED = {"cifar10_edm_ddpmpp": 55_732_739, "cifar10_vp_ddpmpp": 55_732_739,
             "cifar10": 55_732_739, "cifar10_ve_ncsnpp": 56_395_523,
             "distill_cifar10": 55_732_739 + 1_408, "toy": 231_810, "distill_toy": 231_810,
-            "video": 318_544}
+            "video": 318_544, "imagenet64": 295_899_267, "distill_imagenet64": 295_899_267}
 
 
 def load(name):
@@ -76,6 +78,10 @@ def reference_count(config) -> int:
     if m.name == "video_transformer":
         return video_transformer_params(d.size, d.channels, m.patch_size, m.dim, m.depth,
                                         m.mlp_ratio)
+    if m.name == "adm":
+        return ref_dhariwal_params(d.image_size, d.num_channels, d.num_classes, m.model_channels,
+                                   tuple(m.channel_mult), m.channel_mult_emb, m.num_blocks,
+                                   tuple(m.attn_resolutions))
     return ref_songunet_params(d.image_size, d.num_channels, d.num_classes, m.model_channels,
                                tuple(m.channel_mult), m.channel_mult_emb, m.num_blocks,
                                tuple(m.attn_resolutions), m.channel_mult_noise, m.encoder_type,

@@ -140,5 +140,5 @@ def test_get_model_builds_denoiser_from_config():
     # At init F ~ 0, so with VP preconditioning D ~ x_t / alpha.
     np.testing.assert_allclose(den(x_t, t), x_t / alpha[:, None], atol=1e-3)
     c.model.name = 'unet'
-    with pytest.raises(ValueError, match='ddpmpp, ncsnpp, mlp'):
+    with pytest.raises(ValueError, match='ddpmpp, ncsnpp, adm, mlp'):
         get_model(c, rngs=nnx.Rngs(0))

@@ -277,7 +277,7 @@ def test_bad_configuration_errors(kw, match):
 def test_unknown_model_name_lists_valid_names():
     c = benchmark_config()
     c.model.name = 'unet'
-    with pytest.raises(ValueError, match='ddpmpp, ncsnpp, mlp'):
+    with pytest.raises(ValueError, match='ddpmpp, ncsnpp, adm, mlp'):
         get_network(c, rngs=nnx.Rngs(0))
 
 

@@ -2,13 +2,18 @@
 
 `get_model(config, *, rngs)` builds `Denoiser(net, process)` from a full config:
 
-- `config.model.name`: 'ddpmpp' | 'ncsnpp' | 'mlp' (see `NETWORKS`).
+- `config.model.name`: 'ddpmpp' | 'ncsnpp' | 'adm' | 'mlp' (see `NETWORKS`).
 - `config.model.precond`: 'edm' | 'vp' | 've' (EDM Table 1 preconditioning, see `denoiser.py`).
 - U-Nets (`SongUNet` arguments): `.model_channels`, `.channel_mult` (tuple), `.num_blocks`,
   `.attn_resolutions`, `.dropout`, `.embedding_type` ('positional' | 'fourier'),
   `.channel_mult_noise`, `.channel_mult_emb`, `.resample_filter` (tuple), `.encoder_type`
   ('standard' | 'skip' | 'residual'), `.decoder_type` ('standard' | 'skip'). A field missing from
   the config takes that architecture's EDM CIFAR-10 default (`DDPMpp.DEFAULTS`, `NCSNpp.DEFAULTS`).
+  `.fourier_freqs` (optional tuple): fixed frequencies of a 'fourier' noise embedding, e.g. those of an
+  imported EDM snapshot (a fresh network draws them from the seed).
+- ADM (`DhariwalUNet`, EDM's ImageNet-64 network): `.model_channels`, `.channel_mult`,
+  `.channel_mult_emb`, `.num_blocks`, `.attn_resolutions`, `.dropout` (`ADM_FIELDS`); the
+  DDPM++/NCSN++-only fields are ignored.
 - MLP: `.hidden`, `.depth`, `.embedding_type`, `.dropout`.
 - Video transformer ('video_transformer', clips of `config.data.size` / `.channels`):
   `.patch_size`, `.dim`, `.depth`, `.num_heads`, `.mlp_ratio`; `get_model` gives a
@@ -21,8 +26,11 @@
 """
 from __future__ import annotations
 
+import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
+from fdistill.models.adm import DhariwalUNet
 from fdistill.models.ddpmpp import DDPMpp, SongUNet
 from fdistill.models.denoiser import Denoiser, preconditioning
 from fdistill.models.discriminator import Discriminator, feature_channels
@@ -34,10 +42,11 @@ from fdistill.sde import sde_from_config
 UNET_FIELDS = ('model_channels', 'channel_mult', 'channel_mult_emb', 'num_blocks', 'attn_resolutions',
                'dropout', 'embedding_type', 'channel_mult_noise', 'encoder_type', 'decoder_type',
                'resample_filter')
+ADM_FIELDS = ('model_channels', 'channel_mult', 'channel_mult_emb', 'num_blocks', 'attn_resolutions', 'dropout')
 
 
-def _unet_kwargs(model_config) -> dict:
-    kw = {k: model_config[k] for k in UNET_FIELDS if k in model_config}
+def _unet_kwargs(model_config, fields=UNET_FIELDS) -> dict:
+    kw = {k: model_config[k] for k in fields if k in model_config}
     for k in ('channel_mult', 'attn_resolutions', 'resample_filter'):
         if k in kw:
             kw[k] = tuple(kw[k])
@@ -46,8 +55,17 @@ def _unet_kwargs(model_config) -> dict:
 
 def _build_unet(cls, config, rngs):
     d = config.data
-    return cls(d.image_size, d.num_channels, d.num_channels, label_dim=d.get('num_classes', 0),
-               rngs=rngs, **_unet_kwargs(config.model))
+    net = cls(d.image_size, d.num_channels, d.num_channels, label_dim=d.get('num_classes', 0),
+              rngs=rngs, **_unet_kwargs(config.model))
+    freqs = config.model.get('fourier_freqs', ())
+    if freqs:
+        expect = getattr(net.map_noise, 'freqs', None)
+        if expect is None or expect.shape != (len(freqs),):
+            raise ValueError(f'config.model.fourier_freqs has {len(freqs)} values; it applies to a '
+                             f"'fourier' noise embedding of 2 x that many channels, and this network has "
+                             f'{"none" if expect is None else f"{expect.shape[0]} frequencies"}.')
+        net.map_noise.freqs[...] = jnp.asarray(np.asarray(freqs, np.float32))
+    return net
 
 
 def build_ddpmpp(config, *, rngs: nnx.Rngs) -> SongUNet:
@@ -60,6 +78,13 @@ def build_ncsnpp(config, *, rngs: nnx.Rngs) -> SongUNet:
     return _build_unet(NCSNpp, config, rngs)
 
 
+def build_adm(config, *, rngs: nnx.Rngs) -> DhariwalUNet:
+    """ADM (EDM's DhariwalUNet) for `config.data` images."""
+    d = config.data
+    return DhariwalUNet(d.image_size, d.num_channels, d.num_channels, label_dim=d.get('num_classes', 0),
+                        rngs=rngs, **_unet_kwargs(config.model, ADM_FIELDS))
+
+
 def build_mlp(config, *, rngs: nnx.Rngs) -> MLP:
     """Residual MLP for `config.data.dim`-dimensional points."""
     m = config.model
@@ -67,7 +92,7 @@ def build_mlp(config, *, rngs: nnx.Rngs) -> MLP:
     return MLP(config.data.dim, label_dim=config.data.get('num_classes', 0), rngs=rngs, **kw)
 
 
-NETWORKS = {'ddpmpp': build_ddpmpp, 'ncsnpp': build_ncsnpp, 'mlp': build_mlp,
+NETWORKS = {'ddpmpp': build_ddpmpp, 'ncsnpp': build_ncsnpp, 'adm': build_adm, 'mlp': build_mlp,
             'video_transformer': build_video_transformer}
 
 
@@ -95,6 +120,6 @@ def get_discriminator(feature_net, resolutions, *, rngs: nnx.Rngs) -> Discrimina
     return Discriminator(feature_channels(feature_net), tuple(resolutions), rngs=rngs)
 
 
-__all__ = ['DDPMpp', 'Denoiser', 'Discriminator', 'MLP', 'NCSNpp', 'NETWORKS', 'SongUNet',
-           'VideoDenoiser', 'VideoTransformer', 'feature_channels', 'get_discriminator',
-           'get_model', 'get_network', 'preconditioning']
+__all__ = ['DDPMpp', 'Denoiser', 'DhariwalUNet', 'Discriminator', 'MLP', 'NCSNpp', 'NETWORKS',
+           'SongUNet', 'VideoDenoiser', 'VideoTransformer', 'feature_channels',
+           'get_discriminator', 'get_model', 'get_network', 'preconditioning']

@@ -46,8 +46,8 @@ class SongUNet(nnx.Module):
                  encoder_type: str = 'standard', decoder_type: str = 'standard',
                  resample_filter: Sequence[float] = (1, 1), rngs: nnx.Rngs):
         channel_mult, attn_resolutions = tuple(channel_mult), tuple(attn_resolutions)
-        _check_args(img_resolution, channel_mult, attn_resolutions, num_blocks, dropout, encoder_type,
-                    decoder_type)
+        check_unet_args(img_resolution, channel_mult, attn_resolutions, num_blocks, dropout, encoder_type,
+                        decoder_type)
         self.img_resolution, self.in_channels, self.out_channels = img_resolution, in_channels, out_channels
         self.label_dim = label_dim
         emb_channels = model_channels * channel_mult_emb
@@ -168,8 +168,9 @@ class SongUNet(nnx.Module):
                              f'{class_labels.shape} for a network with label_dim={self.label_dim}.')
 
 
-def _check_args(img_resolution, channel_mult, attn_resolutions, num_blocks, dropout, encoder_type,
-                decoder_type):
+def check_unet_args(img_resolution, channel_mult, attn_resolutions, num_blocks, dropout,
+                    encoder_type='standard', decoder_type='standard'):
+    """Validates the U-Net arguments shared by SongUNet and DhariwalUNet (clear errors, valid values)."""
     if encoder_type not in ENCODER_TYPES:
         raise ValueError(f'Unknown encoder_type {encoder_type!r}; valid: {", ".join(ENCODER_TYPES)}.')
     if decoder_type not in DECODER_TYPES:

@@ -1,4 +1,4 @@
-"""Building blocks shared by the Score-SDE networks (DDPM++, NCSN++) and the discriminator.
+"""Building blocks shared by the U-Nets (DDPM++, NCSN++, ADM) and the discriminator.
 
 The layers follow EDM's re-implementation of Song et al.'s architectures (Karras et al. 2022,
 `training/networks.py`) so that parameter shapes and initialisation agree with it, written for
@@ -209,37 +209,52 @@ class GroupNorm(nnx.Module):
         return x * scale.reshape(expand) + shift.reshape(expand)
 
 
-class UNetBlock(nnx.Module):
-    """Residual block of DDPM++/NCSN++ (EDM `UNetBlock` as configured by `SongUNet`).
+SONG_INIT = dict(init_mode='xavier_uniform')
+SONG_INIT_ZERO = dict(init_mode='xavier_uniform', init_weight=1e-5)
+SONG_INIT_ATTN = dict(init_mode='xavier_uniform', init_weight=math.sqrt(0.2))
 
-    h = conv0(silu(norm0(x))) (with optional 2x up/down); h = silu(norm1(h + affine(emb)));
+
+class UNetBlock(nnx.Module):
+    """Residual block of DDPM++, NCSN++ and ADM (EDM's unified `UNetBlock`).
+
+    h = conv0(silu(norm0(x))) (with optional 2x up/down); then h = silu(norm1(h + affine(emb))), or
+    with `adaptive_scale` (ADM) [scale, shift] = affine(emb) and h = silu(shift + norm1(h) (1 + scale));
     x = (conv1(dropout(h)) + skip(x)) * skip_scale; then optional self-attention
-    x = (proj(attn(norm2(x))) + x) * skip_scale. skip is a 1x1 conv when channels or resolution
-    change (`resample_proj`), else the identity.
+    x = (proj(attn(norm2(x))) + x) * skip_scale with `num_heads` heads (None: out_channels //
+    channels_per_head). skip is a 1x1 conv when channels change, or when only the resolution changes
+    and `resample_proj` is set (a weightless resampler without it), else the identity. `init`,
+    `init_zero` and `init_attn` are the initialisers of the ordinary, the output (conv1, proj) and
+    the qkv layers; the defaults are SongUNet's.
     """
 
     def __init__(self, in_channels: int, out_channels: int, emb_channels: int, *, up: bool = False,
-                 down: bool = False, attention: bool = False, num_heads: int = 1, dropout: float = 0.,
-                 skip_scale: float = math.sqrt(0.5), eps: float = 1e-6,
-                 resample_filter: Sequence[float] = (1, 1), rngs: nnx.Rngs):
-        init = dict(init_mode='xavier_uniform')
-        init_zero = dict(init_mode='xavier_uniform', init_weight=1e-5)
-        init_attn = dict(init_mode='xavier_uniform', init_weight=math.sqrt(0.2))
+                 down: bool = False, attention: bool = False, num_heads: int | None = 1,
+                 channels_per_head: int = 64, dropout: float = 0., skip_scale: float = math.sqrt(0.5),
+                 eps: float = 1e-6, resample_filter: Sequence[float] = (1, 1), resample_proj: bool = True,
+                 adaptive_scale: bool = False, init: dict | None = None, init_zero: dict | None = None,
+                 init_attn: dict | None = None, rngs: nnx.Rngs):
+        init = SONG_INIT if init is None else init
+        init_zero = SONG_INIT_ZERO if init_zero is None else init_zero
+        init_attn = SONG_INIT_ATTN if init_attn is None else init_attn
         self.in_channels, self.out_channels = in_channels, out_channels
-        self.dropout, self.skip_scale = dropout, skip_scale
-        self.num_heads = num_heads if attention else 0
-        if attention and out_channels % num_heads:
-            raise ValueError(f'Attention: {out_channels} channels are not divisible by {num_heads} heads.')
+        self.dropout, self.skip_scale, self.adaptive_scale = dropout, skip_scale, adaptive_scale
+        heads = out_channels // channels_per_head if num_heads is None else num_heads
+        self.num_heads = heads if attention else 0
+        if attention and (heads < 1 or out_channels % heads):
+            raise ValueError(f'Attention: {out_channels} channels cannot be split into {heads} heads '
+                             f'(channels_per_head={channels_per_head}); use more channels at this resolution '
+                             f'or no attention there.')
         self.norm0 = GroupNorm(in_channels, eps=eps)
         self.conv0 = Conv2d(in_channels, out_channels, 3, up=up, down=down, resample_filter=resample_filter,
                             **init, rngs=rngs)
-        self.affine = Linear(emb_channels, out_channels, **init, rngs=rngs)
+        self.affine = Linear(emb_channels, out_channels * (2 if adaptive_scale else 1), **init, rngs=rngs)
         self.norm1 = GroupNorm(out_channels, eps=eps)
         self.conv1 = Conv2d(out_channels, out_channels, 3, **init_zero, rngs=rngs)
         self.skip = nnx.data(None)
         if out_channels != in_channels or up or down:
-            self.skip = Conv2d(in_channels, out_channels, 1, up=up, down=down, resample_filter=resample_filter,
-                               **init, rngs=rngs)
+            kernel = 1 if resample_proj or out_channels != in_channels else 0
+            self.skip = Conv2d(in_channels, out_channels, kernel, up=up, down=down,
+                               resample_filter=resample_filter, **init, rngs=rngs)
         if self.num_heads:
             self.norm2 = GroupNorm(out_channels, eps=eps)
             self.qkv = Conv2d(out_channels, out_channels * 3, 1, **init_attn, rngs=rngs)
@@ -248,7 +263,12 @@ class UNetBlock(nnx.Module):
     def __call__(self, x, emb, *, key=None):
         orig = x
         x = self.conv0(jax.nn.silu(self.norm0(x)))
-        x = jax.nn.silu(self.norm1(x + self.affine(emb)[:, None, None, :]))
+        params = self.affine(emb)[:, None, None, :]
+        if self.adaptive_scale:
+            scale, shift = jnp.split(params, 2, axis=-1)
+            x = jax.nn.silu(shift + self.norm1(x) * (scale + 1))
+        else:
+            x = jax.nn.silu(self.norm1(x + params))
         x = self.conv1(dropout(x, self.dropout, key))
         x = (x + (orig if self.skip is None else self.skip(orig))) * self.skip_scale
         if self.num_heads:
