@@ -16,8 +16,6 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import ml_collections
-
 from fdistill import main, models, modes, workdir
 from fdistill.models import DDPMpp, edm_import
 from tests import edm_reference as ref

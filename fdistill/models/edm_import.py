@@ -41,7 +41,6 @@ import os
 import pickle
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
