@@ -14,7 +14,29 @@ from configs.default import get_default_config
 from configs.distill_base import add_distill, optim
 
 
-def get_config() -> ml_collections.ConfigDict:
+# The ablation's students (experiments/video_hiar.py): overrides of the distill section, chosen
+# by name: --config=configs/video.py:<variant> (default hiar).
+VARIANTS = {
+    "self_forcing": dict(order="block_first", divergence="reverse_kl", fkl_weight=0.0),
+    "hierarchical": dict(order="hierarchical", divergence="reverse_kl", fkl_weight=0.0),
+    "hiar": dict(order="hierarchical", divergence="reverse_kl", fkl_weight=0.1,
+                 fkl_mask="bidirectional"),
+    "hiar_causal_mask": dict(order="hierarchical", divergence="reverse_kl", fkl_weight=0.1,
+                             fkl_mask="block_causal"),
+    "hiar_js": dict(order="hierarchical", divergence="jensen_shannon", fkl_weight=0.1,
+                    fkl_mask="bidirectional"),
+}
+
+
+def apply_variant(c: ml_collections.ConfigDict, variant: str) -> ml_collections.ConfigDict:
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown video variant {variant!r}; valid: {', '.join(VARIANTS)}")
+    c.distill.update(VARIANTS[variant])
+    c.distill.variant = variant
+    return c
+
+
+def get_config(variant: str = "hiar") -> ml_collections.ConfigDict:
     c = get_default_config()
     c.data = d = ml_collections.ConfigDict()
     d.name = "video"
@@ -72,6 +94,7 @@ def get_config() -> ml_collections.ConfigDict:
     t.gan_weight = 0.0
     t.r1_weight = 0.0
     t.num_pairs = 256                       # teacher ODE pairs (z, x0)
+    t.init_workdir = ""                     # where ODE pairs + init are kept ('': the workdir)
     t.pair_substeps = 5                     # Heun steps per student interval for the pairs
     t.ode_init_steps = 300                  # ODE-regression initialisation (0: off)
     t.batch_size = 16
@@ -89,4 +112,4 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.eval.rollout_factor = 4               # drift: rollout 4x the training length
     c.eval.num_clips = 64
-    return c
+    return apply_variant(c, variant or "hiar")

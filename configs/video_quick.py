@@ -8,8 +8,8 @@ Run:
 from configs.video import get_config as get_base_config
 
 
-def get_config():
-    c = get_base_config()
+def get_config(variant: str = "hiar"):
+    c = get_base_config(variant)
     c.model.dim = 32
     c.model.depth = 2
     c.model.num_heads = 2

@@ -1,7 +1,8 @@
-"""HiAR ablation at CPU scale: block-first vs hierarchical self-rollout, the forward-KL motion
-regulariser (on / off, bidirectional / block-causal mask), reverse-KL vs Jensen-Shannon.
+"""HiAR ablation at CPU scale: the video students of `configs/video.py`'s VARIANTS (block-first
+vs hierarchical self-rollout, the forward-KL motion regulariser on / off, its mask, reverse-KL vs
+Jensen-Shannon), each distilled by the command line's own recipe (`fdistill.modes.distill`).
 
-    python experiments/video_hiar.py --quick                 # minutes on 2 CPU cores
+    python experiments/video_hiar.py --quick                 # configs/video_quick.py
     python experiments/video_hiar.py --seeds 0 1 2           # configs/video.py, longer
     python experiments/video_hiar.py --quick --pipeline      # only: pipelined vs sequential
                                                              #   sampling on fake CPU devices
@@ -9,14 +10,13 @@ regulariser (on / off, bidirectional / block-causal mask), reverse-KL vs Jensen-
         runs/video_hiar/video_hiar_seeds1.json               # one table from separate runs
 
 One bidirectional teacher is trained (or resumed) in ``<workdir>/teacher``; per seed, the
-teacher's ODE pairs and an ODE-regression-initialised block-causal student are shared by all
-variants, which are then distilled with the self-rollout f-distill loop. Every row reports, as
-mean +- std over seeds: mean object speed (pixels/frame, exact centroid tracking) and its ratio
-to the data's, dynamic degree (fraction of clips moving > 0.25 px/frame), frame-difference
-energy, shape error (distance to an ideal one-square frame) at the training length, and drift
-(slope of the per-segment shape error over a rollout 4x the training length, sliding KV window).
-Writes ``<workdir>/video_hiar_seeds<seeds>.json`` and ``.md`` and one GIF per row; seeds run
-as separate processes (same workdir, after the teacher is trained) are combined by ``--merge``.
+teacher's ODE pairs and the ODE-regression initialisation are made once in
+``<workdir>/init_seed<seed>`` (``distill.init_workdir``) and shared by all variants. Every row
+reports, as mean +- std over seeds: mean object speed (pixels/frame, exact centroid tracking) and
+its ratio to the data's, dynamic degree, frame-difference energy, shape error at the training
+length, and drift (slope of the per-segment shape error over a rollout 4x the training length,
+sliding KV window). Writes ``<workdir>/video_hiar_seeds<seeds>.json`` and ``.md`` and one GIF per
+row; seeds run as separate processes are combined by ``--merge``.
 """
 from __future__ import annotations
 
@@ -33,30 +33,20 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax                                              # noqa: E402
 import numpy as np                                      # noqa: E402
 
-from fdistill.data.video import get_video_dataset       # noqa: E402
+from configs.video import VARIANTS                      # noqa: E402
+from fdistill import checkpoint, modes, train           # noqa: E402
 from fdistill.video import distill as VD                # noqa: E402
 from fdistill.video import hiar, metrics                # noqa: E402
 
-VARIANTS = {
-    "block-first, RKL (Self-Forcing)": dict(order="block_first", divergence="reverse_kl",
-                                            fkl_weight=0.0),
-    "hierarchical, RKL": dict(order="hierarchical", divergence="reverse_kl", fkl_weight=0.0),
-    "hierarchical, RKL + FKL bidir (HiAR)": dict(order="hierarchical", divergence="reverse_kl",
-                                                 fkl_weight=0.1, fkl_mask="bidirectional"),
-    "hierarchical, RKL + FKL block-causal": dict(order="hierarchical", divergence="reverse_kl",
-                                                 fkl_weight=0.1, fkl_mask="block_causal"),
-    "hierarchical, JS + FKL bidir": dict(order="hierarchical", divergence="jensen_shannon",
-                                         fkl_weight=0.1, fkl_mask="bidirectional"),
-}
 COLUMNS = ("speed", "speed_ratio", "dynamic", "frame_diff", "shape_error", "drift")
 
 
-def load_config(quick: bool):
+def load_config(quick: bool, variant: str = "hiar"):
     if quick:
         from configs.video_quick import get_config
     else:
         from configs.video import get_config
-    return get_config()
+    return get_config(variant)
 
 
 def summarise(values: list[float]) -> str:
@@ -109,7 +99,7 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--workdir", default="runs/video_hiar")
     p.add_argument("--variants", nargs="*", default=list(VARIANTS),
-                   help=f"subset of: {list(VARIANTS)}")
+                   help=f"subset of configs/video.py's VARIANTS: {list(VARIANTS)}")
     p.add_argument("--pipeline", action="store_true",
                    help="only time the pipelined schedule against the sequential one, with the "
                         "trained teacher's weights\n(on fake CPU devices: not a real speedup)")
@@ -126,8 +116,8 @@ def main(argv=None):
     t_start = time.time()
 
     teacher_dir = os.path.join(args.workdir, "teacher")
-    VD.train_video_teacher(config, teacher_dir)
-    teacher = VD.load_video_teacher(config, teacher_dir)
+    modes.train_teacher(config, teacher_dir)
+    teacher, _ = modes.load_teacher(config, teacher_dir)
     t_teacher = time.time() - t_start
     if args.pipeline:
         timing = pipeline_timing(teacher, config)
@@ -136,61 +126,41 @@ def main(argv=None):
             json.dump(timing, f, indent=2)
         return timing
 
-    ds = get_video_dataset(config.data, global_batch_size=config.eval.num_clips, seed=1234)
-    data_clips = ds.batch(0)["x"]
-    data_row = metrics.motion_stats(data_clips, square=config.data.square)
+    ds = modes.dataset(config, config.eval.num_clips, seed=1234)
+    data_row = metrics.motion_stats(ds.batch(0)["x"], square=config.data.square)
     data_long = ds.batch(1, num_frames=config.data.num_frames * config.eval.rollout_factor)["x"]
     data_row["drift"] = metrics.drift(data_long, config.data.num_frames,
                                       square=config.data.square)["slope"]
-    data_speed = data_row["speed"]
     data_row["speed_ratio"] = 1.0
-    rows: dict[str, list[dict]] = {"data": [data_row], "teacher (Heun, 35 NFE, bidir)": []}
-    rows["ODE-init student (hierarchical)"] = []
+    rows: dict[str, list[dict]] = {"data": [data_row], "teacher (Heun, bidirectional)": [],
+                                   "ODE-init student (hierarchical)": []}
     rows.update({name: [] for name in args.variants})
     timings: dict[str, list[float]] = {name: [] for name in args.variants}
+    strip = lambda out, prefix: {k.split("/", 1)[1]: v for k, v in out.items()
+                                 if k.startswith(prefix + "/")}
 
     for seed in args.seeds:
         cfg = config.copy_and_resolve_references()
         cfg.seed = seed
-        key = jax.random.key(1000 + seed)
-        teacher_clips = np.asarray(hiar.teacher_sample(
-            teacher, jax.random.fold_in(key, 1), data_clips.shape,
-            num_steps=config.sampling.num_steps))
-        row = metrics.motion_stats(teacher_clips, square=config.data.square)
-        row["speed_ratio"] = row["speed"] / data_speed
-        rows["teacher (Heun, 35 NFE, bidir)"].append(row)
-
-        sigmas = VD.student_sigmas_of(cfg, teacher.process)
-        t0 = time.time()
-        pairs = VD.ode_pairs(teacher, jax.random.fold_in(key, 2), cfg.distill.num_pairs,
-                             ds.shape, sigmas, substeps=cfg.distill.pair_substeps)
-        init, _ = VD.ode_initialise(teacher, pairs, sigmas, block_size=cfg.student.block_size,
-                                    num_steps=cfg.distill.ode_init_steps,
-                                    batch_size=cfg.distill.batch_size,
-                                    lr=cfg.distill.student_optim.lr * 10, seed=seed)
-        print(f"seed {seed}: teacher pairs + ODE init in {time.time() - t0:.0f}s", flush=True)
-        row, _ = VD.evaluate_student(init, cfg, jax.random.fold_in(key, 3), "hierarchical",
-                                  data_speed)
-        rows["ODE-init student (hierarchical)"].append(row)
-
+        cfg.sampling.num_samples = cfg.sampling.batch_size = cfg.eval.num_clips
+        rows["teacher (Heun, bidirectional)"].append(
+            strip(modes.sample_teacher(cfg, teacher_dir), "sample"))
+        init_dir = os.path.join(args.workdir, f"init_seed{seed}")
         for name in args.variants:
-            v = VARIANTS[name]
-            vcfg = cfg.copy_and_resolve_references()
-            for field, value in v.items():
-                vcfg.distill[field] = value
-            slug = "".join(ch if ch.isalnum() else "_" for ch in name.lower()).strip("_")
+            vcfg = load_config(args.quick, name)
+            vcfg.seed = seed
+            vcfg.distill.teacher_workdir = teacher_dir
+            vcfg.distill.init_workdir = init_dir
+            vdir = os.path.join(args.workdir, f"{name}_seed{seed}")
             t0 = time.time()
-            student, _ = VD.distill_video(vcfg, teacher, os.path.join(args.workdir,
-                                                                      f"{slug}_seed{seed}"),
-                                          pairs=pairs, student=init)
+            row = strip(modes.distill(vcfg, vdir), "student")
             timings[name].append(time.time() - t0)
-            row, long = VD.evaluate_student(student, vcfg, jax.random.fold_in(key, 3), v["order"],
-                                         data_speed)
             rows[name].append(row)
-            print(f"seed {seed} | {name}: " + ", ".join(f"{k}={row[k]:.3g}" for k in COLUMNS),
-                  flush=True)
-            if seed == args.seeds[0]:
-                metrics.save_gif(os.path.join(args.workdir, f"{slug}.gif"), long[:8])
+            print(f"seed {seed} | {name}: " + ", ".join(f"{k}={row[k]:.3g}" for k in COLUMNS
+                                                          if k in row), flush=True)
+        init = _initialised_student(vcfg, teacher, init_dir)
+        rows["ODE-init student (hierarchical)"].append(strip(modes.video_student_report(
+            vcfg, init_dir, init, prefix="init", order="hierarchical"), "init"))
 
     text = table(rows)
     print("\n" + text)
@@ -204,6 +174,15 @@ def main(argv=None):
         f.write(text + "\n")
     print(f"\ntotal {summary['total_seconds']:.0f}s; wrote {name}.json")
     return summary
+
+
+def _initialised_student(config, teacher, init_dir: str):
+    """The ODE-regression-initialised student kept in ``init_dir/ode_init``."""
+    graphdef, others, template = train.init_state(
+        teacher, train.make_optimizer(config.distill.student_optim))
+    with checkpoint.Checkpointer(os.path.join(init_dir, "ode_init", "checkpoints")) as ckpt:
+        _, state = ckpt.restore_latest(template)
+    return train.merge(graphdef, state["params"], others)
 
 
 def merge(paths: list[str], workdir: str) -> dict:

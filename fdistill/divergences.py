@@ -1,7 +1,7 @@
 """The f-divergence catalogue of f-distill (arXiv 2502.15681, Table 1).
 
 D_f(p || q) = E_q[f(p/q)] with f convex and f(1) = 0; r = p_t / q_theta,t is the ratio of the
-teacher's noised marginal to the student's. The distillation gradient (paper Eq. 7, DESIGN.md 2.2)
+teacher's noised marginal to the student's. The distillation gradient (paper Eq. 7)
 weights every sample by
 
     h(r) = f''(r) r^2,
@@ -43,7 +43,7 @@ class Divergence:
         return f"Divergence({self.name}{', ' + params if params else ''})"
 
 
-# --- f and h of the named divergences (Table 1 of the paper; DESIGN.md 2.2) ---------------------
+# --- f and h of the named divergences (Table 1 of the paper) ---------------------
 
 def _reverse_kl_f(r):
     return -jnp.log(r)

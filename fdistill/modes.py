@@ -474,7 +474,8 @@ def distill(config, workdir: str) -> dict:
         raise ValueError(f"config.distill.batch_size: {e}") from e
     student, extra_batches = None, None
     if is_video(config):
-        student, pairs = video_distill.prepare_student(config, teacher, workdir, mesh)
+        student, pairs = video_distill.prepare_student(config, teacher,
+                                                       dc.get("init_workdir", "") or workdir, mesh)
         if dc.fkl_weight > 0:
             sharding.check_batch_size(dc.fkl_batch_size, mesh)
             extra_batches = video_distill.fkl_batches(pairs, dc.fkl_batch_size, seed=config.seed)
@@ -538,13 +539,20 @@ def _student_samples(config, workdir, distillation, params, *, prefix: str) -> d
 
 
 def _video_student_report(config, workdir, distillation, params, prefix) -> dict:
+    return video_student_report(config, workdir, distillation.denoiser(params), prefix=prefix)
+
+
+def video_student_report(config, workdir: str, student, *, prefix: str,
+                         order: str | None = None, name: str = "student_rollout") -> dict:
+    """Motion of a video student's clips at the training length (against the data's) and drift
+    over a rollout ``eval.rollout_factor`` times longer (sliding KV window); the long rollout is
+    saved as ``<name>.gif``."""
     from fdistill.video import hiar
     s, e = config.student, config.eval
-    sigmas = np.asarray(distillation.objective.generator.sigmas, np.float32)
-    student = distillation.denoiser(params)
+    order = order or config.distill.order
+    sigmas = video_distill.student_sigmas_of(config, student.process)
     shape = (int(e.num_clips),) + data.example_shape(config.data)
     k_short, k_long = jax.random.split(jax.random.key(config.seed + 3))
-    order = config.distill.order
     short = np.asarray(hiar.sample(student, hiar.draw_noise(k_short, s.num_steps, shape), sigmas,
                                    block_size=s.block_size, window=s.window, order=order))
     long_shape = (shape[0], shape[1] * int(e.rollout_factor), *shape[2:])
@@ -553,7 +561,7 @@ def _video_student_report(config, workdir, distillation, params, prefix) -> dict
     row = sample_report(config, short, prefix)
     row[f"{prefix}/drift"] = float(video_metrics.drift(long, config.data.num_frames,
                                                        square=config.data.square)["slope"])
-    save_samples(config, workdir, long, "student_rollout")
+    save_samples(config, workdir, long, name)
     _print(f"student ({s.num_steps} steps, {order}): " + "  ".join(
         f"{k.split('/')[-1]}={v:.4g}" for k, v in row.items()))
     return row

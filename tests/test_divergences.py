@@ -32,7 +32,7 @@ def test_named_f_is_a_valid_generator(div):
 
 
 def test_table_values():
-    """Spot values of DESIGN.md 2.2's table at r = 3."""
+    """Spot values of the paper's Table 1 (f and h = f'' r^2) at r = 3."""
     r = jnp.float32(3.0)
     expect = {"reverse_kl": 1.0, "softened_reverse_kl": 0.25, "jensen_shannon": 0.75,
               "squared_hellinger": np.sqrt(3.0) / 4, "forward_kl": 3.0, "jeffreys": 4.0,
