@@ -60,6 +60,7 @@ def get_default_config() -> ml_collections.ConfigDict:
     t.keep_checkpoints = 3
     t.ema_rate = 0.999
     t.param_sharding = "replicated"   # replicated | fsdp
+    t.preview_every = 1000            # sample grid of the EMA teacher to TensorBoard (0: off)
 
     c.optim = o = ml_collections.ConfigDict()
     o.lr = 1e-3

@@ -76,6 +76,7 @@ def add_distill(c, *, teacher_workdir: str = "", divergence: str = "fkl"):
     d.eval_every = 0                   # periodic evaluation of the EMA student (config.eval's
                                        # metric and periodic_num_samples; best kept in <workdir>/best)
     d.param_sharding = "replicated"
+    d.preview_every = 5000             # sample grid of the EMA student to TensorBoard (0: off)
     d.num_eval_samples = 1024
     d.eval_batch_size = 256
     return c

@@ -248,6 +248,22 @@ def save_samples(config, workdir: str, x: np.ndarray, name: str) -> str:
     return path
 
 
+def sample_preview(config, draw, params_of, *, name: str, n: int = 16):
+    """``preview(state) -> {name: image}`` for TensorBoard: ``n`` samples of ``draw(params, key,
+    labels)`` from one fixed noise and fixed labels, so successive images differ by the weights
+    alone."""
+    key = jax.random.key(config.seed + 5)
+    labels = label_draws(config, jax.random.fold_in(key, 1), n)(0)[0]
+    kind = "toy" if config.data.name == "toy" else "video" if is_video(config) else "image"
+    extent = toy_extent(config) if kind == "toy" else 3.0
+
+    def preview(state):
+        x = np.asarray(draw(sharding.local_copy(params_of(state)), key, labels))
+        return {name: monitor.sample_picture(x, kind=kind, extent=extent)}
+
+    return preview
+
+
 def sample_report(config, x: np.ndarray, prefix: str) -> dict:
     """What can be measured on samples without a feature network: toy metrics against the true
     density, or video motion against the data's."""
@@ -306,11 +322,18 @@ def train_teacher(config, workdir: str) -> dict:
     if not is_video(config) and config.data.name != "toy":
         on_log = scoring.periodic_hook(config, workdir, draw_for_state,
                                        every=config.eval.get("every", 0), log_every=t.log_every)
+    preview_every = int(t.get("preview_every", 0))
+    preview = None
+    if preview_every:
+        n = 256 if config.data.name == "toy" else 16
+        preview = sample_preview(config, TeacherSampler(config, graphdef, others, n),
+                                 lambda st: st["ema"], name="samples/teacher_ema", n=n)
     t0, history = time.time(), []
     with recorded_run(workdir, config, "train"):
         state, metrics = train.fit(workdir=workdir, state=state, state_sharding=shardings,
                                    step_fn=step_fn, loop=train.LoopConfig.from_config(t),
-                                   history=history, on_log=on_log)
+                                   history=history, on_log=on_log, preview=preview,
+                                   preview_every=preview_every)
     results = {"mode": "train", "steps": int(sharding.to_host(state["step"])),
                "train_seconds": time.time() - t0, **{f"final/{k}": v for k, v in metrics.items()}}
     monitor.write_results(workdir, results)
@@ -505,11 +528,18 @@ def distill(config, workdir: str) -> dict:
 
     on_log = scoring.periodic_hook(config, workdir, draw_for_state,
                                    every=dc.get("eval_every", 0), log_every=dc.log_every)
+    preview_every = int(dc.get("preview_every", 0))
+    preview = None
+    if preview_every:
+        n = 256 if config.data.name == "toy" else 16
+        preview = sample_preview(config, student_draw(config, distillation, n),
+                                 lambda st: st["student_ema"], name="samples/student_ema", n=n)
     t0 = time.time()
     with recorded_run(workdir, config, "distill"):
         state, metrics = train.fit(workdir=workdir, state=distillation.initial_state,
                                    state_sharding=distillation.state_sharding, step_fn=step_fn,
-                                   loop=train.LoopConfig.from_config(dc), on_log=on_log)
+                                   loop=train.LoopConfig.from_config(dc), on_log=on_log,
+                                   preview=preview, preview_every=preview_every)
     seconds = time.time() - t0
     results = {"mode": "distill", "divergence": distillation.objective.divergence.name,
                "steps": int(sharding.to_host(state["step"])), "teacher_step": teacher_step,

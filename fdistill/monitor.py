@@ -38,10 +38,13 @@ class Monitor:
             print(f"step {step}/{self.total_steps}  {rate:.2f} steps/s  eta {_hms(eta)}  {shown}",
                   flush=True)
 
+    def images(self, step: int, images: dict[str, np.ndarray]) -> None:
+        """HxWxC uint8 images (sample grids) to TensorBoard's Images tab."""
+        self.writer.write_images(step, {k: np.asarray(v)[None] for k, v in images.items()})
+
     def close(self) -> None:
         self.writer.flush()
         self.writer.close()
-
 
 def _hms(seconds: float) -> str:
     if not np.isfinite(seconds):
@@ -61,6 +64,23 @@ def image_grid(images: np.ndarray, *, ncols: int | None = None) -> np.ndarray:
         r, k = divmod(i, ncols)
         grid[1 + r * (h + 1):1 + r * (h + 1) + h, 1 + k * (w + 1):1 + k * (w + 1) + w] = img
     return np.clip(np.round((grid + 1) * 127.5), 0, 255).astype(np.uint8)
+
+
+def video_strip(clips: np.ndarray, *, max_clips: int = 4) -> np.ndarray:
+    """Clips [B, T, H, W, C] in [-1, 1] as one uint8 image: a row of frames per clip."""
+    clips = np.asarray(clips)[:max_clips]
+    b, t = clips.shape[:2]
+    return image_grid(clips.reshape(b * t, *clips.shape[2:]), ncols=t)
+
+
+def sample_picture(x: np.ndarray, *, kind: str, extent: float = 3.0) -> np.ndarray:
+    """What a sample batch looks like as one uint8 image: a density plot of 2-D points
+    (``kind='toy'``), a strip of frames per clip (``'video'``) or an image grid."""
+    if kind == "toy":
+        return density_image(x, extent=extent)[..., None]
+    if kind == "video":
+        return video_strip(x)
+    return image_grid(np.asarray(x)[:64])
 
 
 def save_png(path: str, image: np.ndarray, *, scale: int = 1) -> None:

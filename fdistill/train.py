@@ -194,12 +194,15 @@ class LoopConfig:
 def fit(*, workdir: str, state: State, state_sharding, step_fn: Callable[[State, int], tuple],
         loop: LoopConfig, on_log: Callable[[int, State], dict] | None = None,
         on_checkpoint: Callable[[int, State], None] | None = None,
+        preview: Callable[[State], dict] | None = None, preview_every: int = 0,
         history: list | None = None) -> tuple[State, dict]:
     """Runs ``step_fn(state, step) -> (state, metrics)`` from the latest checkpoint to the end.
 
     Resumes automatically from ``workdir/checkpoints``; checks for non-finite values before every
-    log and save; ``on_log`` may return extra metrics (e.g. periodic evaluation); ``history``,
-    if given, collects ``(step, metrics)`` at every log.
+    log and save; ``on_log`` may return extra metrics (e.g. periodic evaluation); every
+    ``preview_every`` steps (at the first log step past each multiple) ``preview(state) ->
+    {name: uint8 image}`` goes to TensorBoard; ``history``, if given, collects ``(step,
+    metrics)`` at every log.
     """
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
                                    max_to_keep=loop.keep_checkpoints)
@@ -216,6 +219,7 @@ def fit(*, workdir: str, state: State, state_sharding, step_fn: Callable[[State,
                   flush=True)
     mon = monitor.Monitor(workdir, loop.num_steps, start_step=start)
     metrics: dict = {}
+    last_log = start
     try:
         for step in range(start, loop.num_steps):
             state, metrics = step_fn(state, step)
@@ -227,6 +231,10 @@ def fit(*, workdir: str, state: State, state_sharding, step_fn: Callable[[State,
                 if on_log is not None:
                     host.update(on_log(done, state))
                 mon.scalars(done, host)
+                if preview is not None and preview_every and (
+                        done // preview_every > last_log // preview_every):
+                    mon.images(done, preview(state))
+                last_log = done
                 metrics = host
                 if history is not None:
                     history.append((done, host))
