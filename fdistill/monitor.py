@@ -105,14 +105,33 @@ def density_image(points: np.ndarray, *, extent: float, size: int = 160) -> np.n
     return (255 * (1 - hist)).astype(np.uint8)
 
 
-def panel_row(images: list[np.ndarray], *, gap: int = 4) -> np.ndarray:
-    """Concatenates same-height grey images side by side with white gaps."""
-    h = images[0].shape[0]
+def panel_row(images: list[np.ndarray], *, gap: int = 4,
+              titles: list[str] | None = None) -> np.ndarray:
+    """Concatenates same-height grey images side by side with white gaps; with ``titles``, each
+    panel gets its title (one or more lines, PIL's built-in font) above it."""
+    if titles is not None:
+        if len(titles) != len(images):
+            raise ValueError(f"{len(titles)} titles for {len(images)} panels")
+        images = [_titled(img, title) for img, title in zip(images, titles)]
+    h = max(img.shape[0] for img in images)
+    images = [np.pad(img, ((0, h - img.shape[0]), (0, 0)), constant_values=255) for img in images]
     sep = np.full((h, gap), 255, np.uint8)
     parts = []
     for img in images:
         parts += [img, sep]
     return np.concatenate(parts[:-1], axis=1)
+
+
+def _titled(image: np.ndarray, title: str, *, line_height: int = 11,
+            max_lines: int = 3) -> np.ndarray:
+    """A grey image with ``title`` (lines split on newlines) written in a white band above it."""
+    from PIL import ImageDraw
+    lines = title.split("\n")[:max_lines]
+    band = Image.new("L", (image.shape[1], line_height * max_lines + 4), 255)
+    draw = ImageDraw.Draw(band)
+    for i, line in enumerate(lines):
+        draw.text((2, 2 + i * line_height), line, fill=0)
+    return np.concatenate([np.asarray(band, np.uint8), np.asarray(image, np.uint8)], axis=0)
 
 
 def write_results(workdir: str, results: dict) -> str:

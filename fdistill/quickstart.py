@@ -29,6 +29,10 @@ def _table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _title(what: str, row: dict) -> str:
+    return f"{what}\n{row['nfe']} NFE\nP {row['precision']:.2f} R {row['recall']:.2f}"
+
+
 def student_config(config, teacher_dir: str, divergence: str) -> ml_collections.ConfigDict:
     """``configs/distill_toy.py`` for the teacher in ``teacher_dir``, with the quickstart's seed."""
     from configs import distill_toy
@@ -49,6 +53,7 @@ def run(config, workdir: str) -> dict:
     truth = data.get_dataset(config.data, global_batch_size=8, seed=config.seed)
     extent = modes.toy_extent(config)
     panels = [monitor.density_image(np.asarray(truth.sample(key, n)), extent=extent)]
+    titles = [f"truth: {config.data.toy}"]
     rows = []
     for name, steps in SAMPLERS:
         draw, params = modes.teacher_sampler(config, model, config.sampling.batch_size,
@@ -56,6 +61,7 @@ def run(config, workdir: str) -> dict:
         x = modes.draw_samples(draw, params, config, n, config.sampling.batch_size, key)
         rows.append({"model": f"teacher/{name}", "nfe": draw.nfe, **modes.toy_metrics(config, x)})
         panels.append(monitor.density_image(x, extent=extent))
+        titles.append(_title(f"teacher, {name}", rows[-1]))
     for divergence in STUDENTS:
         student_dir = os.path.join(workdir, f"student_{divergence}")
         out = modes.distill(student_config(config, teacher_dir, divergence), student_dir)
@@ -63,11 +69,12 @@ def run(config, workdir: str) -> dict:
         rows.append({"model": f"student/{divergence}", "nfe": out["nfe"],
                      **modes.toy_metrics(config, x)})
         panels.append(monitor.density_image(x, extent=extent))
+        titles.append(_title(f"student, {divergence}", rows[-1]))
     png = os.path.join(workdir, "quickstart.png")
-    monitor.save_png(png, monitor.panel_row(panels))
+    monitor.save_png(png, monitor.panel_row(panels, titles=titles))
     results = {"quickstart": rows}
     path = monitor.write_results(workdir, results)
     if jax.process_index() == 0:
         print(_table(rows))
-        print(f"results: {path}\nplot (truth, then each row): {png}")
+        print(f"results: {path}\nplot (truth, then each row, titled): {png}")
     return results

@@ -42,3 +42,17 @@ def test_teacher_training_logs_sample_grids_from_a_fixed_noise(tmp_path):
     first, second = preview(out["state"])["p"], preview(out["state"])["p"]
     np.testing.assert_array_equal(first, second)
     np.testing.assert_array_equal(first[..., 0], picture[..., 0] if picture.ndim == 3 else picture)
+
+
+def test_panels_carry_their_titles():
+    """Each quickstart panel is titled in a white band above it (dark text pixels there only)."""
+    import pytest
+    from fdistill import monitor
+    grey = np.full((40, 50), 200, np.uint8)
+    row = monitor.panel_row([grey, grey], titles=["truth", "student, fkl\n1 NFE"], gap=4)
+    band = row[:row.shape[0] - 40]
+    assert row.shape == (band.shape[0] + 40, 104)
+    assert (band[:, :50] < 128).any() and (band[:, 54:] < 128).any()     # text in both bands
+    assert (row[band.shape[0]:, :50] == 200).all()                         # the panel untouched
+    with pytest.raises(ValueError, match="2 titles for 1 panels"):
+        monitor.panel_row([grey], titles=["a", "b"])
