@@ -22,7 +22,7 @@ def get_config():
     d.r1_weight = 0.0
     d.batch_size = 64
     d.num_steps = 3000
-    d.ema_rate = 0.99
+    d.ema_rate = 0.998              # per iteration: ~0.99 per student update
     d.log_every = 250
     d.ckpt_every = 1000
     d.num_eval_samples = 512

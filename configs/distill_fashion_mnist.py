@@ -18,7 +18,7 @@ def get_config():
     d.gan_weight = 1e-3
     d.batch_size = 256
     d.num_steps = 20_000
-    d.ema_rate = 0.999
+    d.ema_rate = 0.9998             # per iteration: ~0.999 per student update
     d.log_every = 500
     d.ckpt_every = 2000
     d.num_eval_samples = 1024

@@ -39,9 +39,8 @@ def get_config():
     d.fake_score_optim = optim(2e-6, grad_clip=0.0)
     d.disc_optim = optim(2e-6, grad_clip=0.0)
     d.batch_size = 512
-    d.num_steps = 380_000
+    d.num_steps = 600_000              # the reference's max_iter (the paper's text: 380k + a fine-tune)
     d.gan_weight = 3e-3
-    d.r1_weight = 1.0
     d.ratio_ema_rate = 0.5
     d.ema_rate = 0.9999
     d.param_sharding = "fsdp"

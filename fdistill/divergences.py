@@ -132,6 +132,7 @@ ALIASES = {
     "rkl": "reverse_kl",
     "dmd": "reverse_kl",
     "srkl": "softened_reverse_kl",
+    "sf": "softened_reverse_kl",       # the reference implementation's name (h = 1 / (1 + r))
     "js": "jensen_shannon",
     "sh": "squared_hellinger",
     "hellinger": "squared_hellinger",

@@ -420,6 +420,8 @@ def teacher_of(config) -> tuple[ml_collections.ConfigDict, nnx.Module, int]:
     resolved = resolve_config(config, recorded)
     resolved.training = ml_collections.ConfigDict(recorded.training.to_dict())
     resolved.optim = ml_collections.ConfigDict(recorded.optim.to_dict())
+    if "random_flip" in resolved.data:
+        resolved.data.random_flip = bool(config.distill.get("real_data_flip", False))
     try:
         teacher, step = load_teacher(resolved, workdir)
     except FileNotFoundError as e:
@@ -458,10 +460,10 @@ def build_distillation(config, teacher, mesh, *, student=None) -> distill_lib.Di
             tuple(dc.index_range)),
         process=process, feature_source=dc.feature_source, guidance_scale=dc.guidance_scale,
         gan_weight=dc.gan_weight, r1_weight=dc.r1_weight, r1_alpha=dc.r1_alpha,
-        logit_clip=dc.logit_clip, r_min=dc.r_min, r_max=dc.r_max, normalize_r=dc.normalize_r,
+        r1_perturb=dc.get("r1_perturb", "clean"), logit_clip=dc.logit_clip, r_min=dc.r_min, r_max=dc.r_max, normalize_r=dc.normalize_r,
         ratio_bins=dc.ratio_bins, ratio_ema_rate=dc.ratio_ema_rate, normalize_h=dc.normalize_h,
         normalize_dm=dc.normalize_dm,
-        fake_score_weighting=dc.get("fake_score_weighting", "edm"), extra_terms=extra)
+        fake_score_weighting=dc.get("fake_score_weighting", "none"), extra_terms=extra)
     disc = models.get_discriminator(teacher, dc.disc_resolutions, rngs=nnx.Rngs(config.seed + 1))
     return distill_lib.Distillation(objective, teacher, disc, dc, mesh, seed=config.seed,
                                     student=student)

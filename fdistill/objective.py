@@ -36,6 +36,7 @@ from fdistill.sde import bcast
 Array = jax.Array
 FEATURE_SOURCES = ("teacher", "fake_score")
 FAKE_SCORE_WEIGHTINGS = ("none", "edm")
+R1_PERTURBATIONS = ("clean", "noised")
 
 
 # =================================================================================================
@@ -164,10 +165,8 @@ def discriminator_loss(logits_fake: Array, logits_real: Array) -> Array:
 
 
 def approximate_r1(logits_real: Array, logits_perturbed: Array) -> Array:
-    """Finite-difference R1: (D(x) - D(x + alpha n))^2 ~ alpha^2 ||grad_x D||^2, head mean: [B].
-
-    The f-distill implementation's R1 (as in adversarial post-training); it avoids
-    differentiating through the feature network.
+    """Approximate R1 (adversarial post-training): (D(x) - D(x'))^2 with x' a small perturbation,
+    mean over heads: [B]. It avoids differentiating through the feature network.
     """
     return jnp.mean((logits_real - logits_perturbed) ** 2, axis=-1)
 
@@ -220,21 +219,25 @@ class FDivergenceObjective:
     gan_weight: float = 1e-3
     r1_weight: float = 0.0
     r1_alpha: float = 0.1
+    r1_perturb: str = "clean"               # x0 + alpha n at the real level | x_t + alpha n
     logit_clip: float = 10.0
     r_min: float = 0.1
     r_max: float = 20.0
     normalize_r: bool = True                # r / EMA of its noise-level bin's mean
     ratio_bins: int = 10
-    ratio_ema_rate: float = 0.5             # 0: the batch mean alone
+    ratio_ema_rate: float = 0.0             # 0: the batch's own bin means
     normalize_h: bool = True
     normalize_dm: bool = True
-    fake_score_weighting: str = "edm"       # none: x0 MSE | edm: EDM's lambda(sigma)
+    fake_score_weighting: str = "none"      # none: x0 MSE | edm: EDM's lambda(sigma)
     extra_terms: tuple = ()
 
     def __post_init__(self):
         if self.feature_source not in FEATURE_SOURCES:
             raise ValueError(f"unknown feature_source {self.feature_source!r}; valid: "
                              f"{', '.join(FEATURE_SOURCES)}.")
+        if self.r1_perturb not in R1_PERTURBATIONS:
+            raise ValueError(f"unknown r1_perturb {self.r1_perturb!r}; valid: "
+                             f"{', '.join(R1_PERTURBATIONS)}.")
         if self.fake_score_weighting not in FAKE_SCORE_WEIGHTINGS:
             raise ValueError(f"unknown fake_score_weighting {self.fake_score_weighting!r}; valid: "
                              f"{', '.join(FAKE_SCORE_WEIGHTINGS)}.")
@@ -310,7 +313,9 @@ class FDivergenceObjective:
                     batch: dict) -> tuple[Array, dict]:
         """Fake-score regression on detached student samples + discriminator logistic loss (+ R1).
 
-        Real data are noised at their own level. With `feature_source='fake_score'` the
+        Real data are noised at their own level. R1 compares the discriminator on the noised real
+        data x_t with x' = x + alpha n, the clean data perturbed (`r1_perturb='clean'`, the
+        reference implementation's), or x' = x_t + alpha n ('noised'). With `feature_source='fake_score'` the
         discriminator's loss also trains the fake score's encoder (DMD2); with the teacher, the
         features are frozen.
         """
@@ -343,7 +348,8 @@ class FDivergenceObjective:
         metrics = {"critic/loss_dsm": loss_dsm, "critic/loss_d": loss_d,
                    "critic/logit_real": logits_real.mean(), "critic/logit_fake": logits_fake.mean()}
         if self.r1_weight > 0:
-            x_pert = x_t_real + self.r1_alpha * jax.random.normal(k_r1, x_t_real.shape)
+            base = x_real if self.r1_perturb == "clean" else x_t_real
+            x_pert = base + self.r1_alpha * jax.random.normal(k_r1, base.shape)
             r1 = approximate_r1(logits_real, discriminator(feats(x_pert, sigma_real))).mean()
             loss = loss + self.r1_weight * r1
             metrics["critic/r1"] = r1
