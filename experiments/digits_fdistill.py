@@ -1,11 +1,13 @@
 """8x8 digits: teacher -> one-step students by reverse-KL (DMD2), forward-KL and Jensen-Shannon.
 
 Trains the class-conditional DDPM++ teacher of configs/digits.py (or reuses it), samples it with
-Heun at 35, 17, 9 and 5 network evaluations and with Euler-Maruyama (100), distils one student per divergence with configs/distill_digits.py and scores every
-model with the project's in-domain metrics (fdistill.evaluation.classifier): the Frechet distance
-in the features of a small digits classifier trained by the project (fd_digits; NOT FID, not
-comparable with published numbers) and the classifier's accuracy on the class-conditional samples.
-A second draw of real digits gives the floor of each metric. Prints a table and writes <workdir>/digits_fdistill.json and one PNG grid per model.
+Heun at 35, 17, 9 and 5 network evaluations and with Euler-Maruyama (100), distils one student
+per divergence with configs/distill_digits.py and scores every model with the project's in-domain
+metrics (fdistill.evaluation.classifier): the Frechet distance in the features of a small digits
+classifier trained by the project (fd_digits; NOT FID, not comparable with published numbers) and
+the classifier's accuracy on class-conditional samples (the same random labels for every model).
+A second draw of real digits gives the floor of each metric. Prints a table and writes
+<workdir>/digits_fdistill.json and one PNG grid per model.
 
     PYTHONPATH=. python experiments/digits_fdistill.py --workdir=runs/digits_fdistill
     PYTHONPATH=. python experiments/digits_fdistill.py --teacher_steps=1000 --distill_steps=500 \
@@ -21,10 +23,23 @@ import jax
 import numpy as np
 
 from configs import digits, distill_digits
-from fdistill import data, distill, generate, train
+from fdistill import data, modes
+from fdistill import main as cli
 from fdistill.evaluation import classifier, inception
 
 TEACHER_SAMPLERS = (("heun", 18), ("heun", 9), ("heun", 5), ("heun", 3), ("euler_maruyama", 100))
+
+
+def draw_with_labels(draw, params, config, n: int, batch_size: int, key):
+    """n samples of ``draw(params, key, labels)`` and their class indices, labels drawn at random
+    from ``key`` as the modes draw them (``modes.label_draws``)."""
+    labels = modes.label_draws(config, jax.random.fold_in(key, 1), batch_size)
+    xs, ys = [], []
+    for i in range(-(-n // batch_size)):
+        one_hot, idx = labels(i)
+        xs.append(np.asarray(draw(params, jax.random.fold_in(key, i), one_hot)))
+        ys.append(idx)
+    return np.concatenate(xs)[:n], np.concatenate(ys)[:n]
 
 
 def score(clf, x, labels, real) -> dict:
@@ -50,26 +65,23 @@ def main():
     tc.training.ckpt_every = args.teacher_steps
     tc.sampling.num_samples = tc.sampling.batch_size = args.num_samples
     teacher_dir = os.path.join(args.workdir, "teacher")
-    train.train(tc, teacher_dir)
+    cli.run(tc, teacher_dir, "train")
     clf = classifier.get_classifier("digits", args.workdir)
     n = args.num_samples
     real = data.get_dataset(tc.data, global_batch_size=n, seed=123).batch(0)["x"]
-    labels = np.arange(n) % 10
 
     other = data.get_dataset(tc.data, global_batch_size=n, seed=456).batch(0)
     rows = [{"model": "real digits (another draw)", "nfe": 0,
              **score(clf, other["x"], np.asarray(other["label"]), real)}]
-    model, _ = train.load_model(tc, teacher_dir)
+    model, _ = modes.load_teacher(tc, teacher_dir)
     for sampler, steps in TEACHER_SAMPLERS:
-        sample_batch, nfe = generate.make_sample_fn(tc, model, sampler_name=sampler,
-                                                    num_steps=steps)
-        x = generate.draw_samples(sample_batch, tc, n, jax.random.key(1))
-        generate.save_samples(tc, args.workdir, x, f"teacher_{sampler}_{nfe}")
-        rows.append({"model": f"teacher ({sampler}, {steps} steps)", "nfe": nfe,
+        draw, params = modes.teacher_sampler(tc, model, n, sampler_name=sampler, num_steps=steps)
+        x, labels = draw_with_labels(draw, params, tc, n, n, jax.random.key(1))
+        modes.save_samples(tc, args.workdir, x, f"teacher_{sampler}_{draw.nfe}")
+        rows.append({"model": f"teacher ({sampler}, {steps} steps)", "nfe": draw.nfe,
                      **score(clf, x, labels, real)})
     for name in args.divergences.split(","):
         c = distill_digits.get_config()
-        c.training.num_steps = args.teacher_steps
         c.distill.teacher_workdir = teacher_dir
         c.distill.divergence = name
         c.distill.num_steps = args.distill_steps
@@ -77,8 +89,12 @@ def main():
         c.distill.num_eval_samples = n
         c.distill.eval_batch_size = min(n, 256)
         wd = os.path.join(args.workdir, name)
-        r = distill.distill(c, wd)
-        x = np.load(os.path.join(wd, "student_samples.npz"))["samples"]
+        r = cli.run(c, wd, "distill")
+        run_config = modes.run_config(c, wd)
+        distillation, state = modes.load_student(run_config, wd)
+        bs = min(n, 256)
+        x, labels = draw_with_labels(modes.student_draw(run_config, distillation, bs),
+                                     state["student_ema"], run_config, n, bs, jax.random.key(1))
         rows.append({"model": name, "nfe": r["nfe"], **score(clf, x, labels, real)})
 
     with open(os.path.join(args.workdir, "digits_fdistill.json"), "w") as f:

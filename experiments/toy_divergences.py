@@ -23,17 +23,18 @@ import jax
 import numpy as np
 
 from configs import distill_toy, toy
-from fdistill import distill, divergences, generate, train
+from fdistill import divergences, modes
+from fdistill import main as cli
 
 METRICS = ("recall", "precision", "mode_tv", "kl_pq", "kl_qp")
 
 
 def teacher_row(config, workdir: str) -> dict:
-    model, _ = train.load_model(config, workdir)
-    sample_batch, nfe = generate.make_sample_fn(config, model)
-    x = generate.draw_samples(sample_batch, config, config.sampling.num_samples,
-                              jax.random.key(1))
-    return {"nfe": nfe, **generate.toy_metrics(config, x)}
+    model, _ = modes.load_teacher(config, workdir)
+    s = config.sampling
+    draw, params = modes.teacher_sampler(config, model, s.batch_size)
+    x = modes.draw_samples(draw, params, config, s.num_samples, s.batch_size, jax.random.key(1))
+    return {"nfe": draw.nfe, **modes.toy_metrics(config, x)}
 
 
 def run(args) -> dict:
@@ -46,22 +47,21 @@ def run(args) -> dict:
         tc.training.num_steps = args.teacher_steps
         tc.training.ckpt_every = args.teacher_steps
         teacher_dir = os.path.join(args.workdir, toy_name, "teacher")
-        train.train(tc, teacher_dir)
+        cli.run(tc, teacher_dir, "train")
         rows = {"teacher (Heun)": [teacher_row(tc, teacher_dir)]}
         for name in names:
             rows[name] = []
             for seed in (int(s) for s in args.seeds.split(",")):
-                c = distill_toy.get_config()
-                c.data.toy = toy_name
+                c = distill_toy.get_config()  # the toy comes from the teacher's record
                 c.seed = seed
-                c.training.num_steps = args.teacher_steps
                 c.distill.teacher_workdir = teacher_dir
                 c.distill.divergence = name
                 if name == "alpha":
                     c.distill.divergence_params.alpha = args.alpha
                 c.distill.num_steps = args.distill_steps
                 c.distill.ckpt_every = args.distill_steps
-                r = distill.distill(c, os.path.join(args.workdir, toy_name, name, f"seed{seed}"))
+                r = cli.run(c, os.path.join(args.workdir, toy_name, name, f"seed{seed}"),
+                             "distill")
                 rows[name].append({"nfe": r["nfe"], **{m: r[f"student/{m}"] for m in METRICS}})
         out[toy_name] = rows
     return out

@@ -9,8 +9,7 @@ import jax
 import pytest
 from flax import nnx
 
-from fdistill import main, models
-from fdistill.models import video
+from fdistill import main, models, modes
 from tests.test_adm import ref_dhariwal_params
 from tests.test_models import ref_songunet_params
 
@@ -33,16 +32,44 @@ EXPECTED = {"cifar10_edm_ddpmpp": 55_732_739, "cifar10_vp_ddpmpp": 55_732_739,
             "video": 318_544, "imagenet64": 295_899_267, "distill_imagenet64": 295_899_267}
 
 
+# Overrides of a distill config's teacher that its docstring states in prose.
+TEACHER_OVERRIDES = {"distill_cifar10": {"num_classes": 10}}
+
+
 def load(name):
     return importlib.import_module(f"configs.{name}").get_config()
+
+
+def teacher_name(name: str) -> str | None:
+    """A distill config's teacher: the other config file its docstring names (None for a config
+    with its own network)."""
+    if "model" in load(name):
+        return None
+    doc = importlib.import_module(f"configs.{name}").__doc__ or ""
+    named = [n for n in re.findall(r"configs/(\w+)\.py", doc) if n != name]
+    assert named, f"configs/{name}.py has no network and its docstring names no teacher config"
+    return named[0]
+
+
+def resolved(name: str):
+    """The config a run of ``name`` builds its networks from: a distill config completed with its
+    teacher's recorded sections, as ``--mode=distill`` does."""
+    config, teacher = load(name), teacher_name(name)
+    if teacher is None:
+        return config
+    recorded = load(teacher)
+    doc = importlib.import_module(f"configs.{name}").__doc__
+    for field, value in TEACHER_OVERRIDES.get(name, {}).items():
+        assert f"--config.data.{field}={value}" in doc, (name, field)
+        recorded.data[field] = value
+    return modes.resolve_config(config, recorded)
 
 
 def build_abstract(config):
     """The config's denoiser as shapes only; a distill config shares its teacher's build."""
     key = tuple(config[k].to_json() for k in ("data", "model", "process"))
     if key not in _BUILT:
-        build = video.get_video_model if config.data.name == "video" else models.get_model
-        _BUILT[key] = nnx.eval_shape(lambda: build(config, rngs=nnx.Rngs(0)))
+        _BUILT[key] = nnx.eval_shape(lambda: models.get_model(config, rngs=nnx.Rngs(0)))
     return _BUILT[key]
 
 
@@ -95,7 +122,7 @@ def test_all_configs_are_found():
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_network_builds_abstractly_with_its_parameter_count(name):
-    config = load(name)
+    config = resolved(name)
     model = build_abstract(config)
     leaves = jax.tree.leaves(nnx.state(model))
     assert leaves and all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)  # nothing allocated
@@ -129,10 +156,29 @@ def test_docstring_gives_a_command_line_for_existing_fields(name):
         return
     commands = _commands(doc)
     assert any(f"--config=configs/{name}.py" in c for c in commands), doc
-    config = load(name)
     for command in commands:
+        # Each command's overrides against the config that command loads.
+        config = load(re.search(r"--config=configs/(\w+)\.py", command).group(1))
         for field in re.findall(r"--config\.([\w.]+)=", command):
-            assert _field_exists(config, field), (name, field)
+            assert _field_exists(config, field), (name, command, field)
+
+
+@pytest.mark.parametrize("name", [n for n in CONFIGS if teacher_name(n) is not None])
+def test_distill_config_carries_no_teacher_sections(name):
+    """A distill config holds its own settings only; model, process and training come from the
+    teacher's recorded config, and its documented teacher command trains into the default
+    ``distill.teacher_workdir``."""
+    config = load(name)
+    assert not {"model", "process", "training", "optim"} & set(config), sorted(config)
+    assert set(config.data) == {"data_dir"}
+    teacher_workdir = config.distill.teacher_workdir
+    doc = importlib.import_module(f"configs.{name}").__doc__
+    if teacher_workdir:
+        assert f"--config.distill.teacher_workdir={teacher_workdir}" in " ".join(_commands(doc))
+    for command in _commands(doc):
+        if "--mode=train" in command and teacher_workdir:
+            assert f"--config=configs/{teacher_name(name)}.py" in command
+            assert f"--workdir={teacher_workdir}" in command
 
 
 @pytest.mark.parametrize("name", [n for n in CONFIGS if n not in BASES])

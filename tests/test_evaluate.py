@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from configs import cifar10_edm_ddpmpp, digits, distill_digits
-from fdistill import checkpoint, data, distill, evaluate, train
-from fdistill.evaluation import classifier, fid, inception
+from fdistill import checkpoint, data, modes, train
+from fdistill import workdir as workdir_lib
+from fdistill.evaluation import classifier, fid, inception, scoring
 from tests.test_teacher_e2e import _tiny_unet, mock_cifar10  # noqa: F401 (fixture)
 
 
@@ -44,13 +45,41 @@ def _frechet_psd(mu1, sigma1, mu2, sigma2) -> float:
 
 
 def _save_untrained_teacher(config, workdir, step=2):
-    """The checkpoint train.train would write, with the initial weights (no training compile)."""
-    graphdef, others, state = train.init_state(train.build_model(config),
+    """The checkpoint and config record --mode=train would write, with the initial weights (no
+    training compile)."""
+    graphdef, others, state = train.init_state(modes.build_model(config),
                                                train.make_optimizer(config.optim))
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
     ckpt.save(step, state)
     ckpt.close()
+    workdir_lib.write_config(workdir, config, mode="train")
     return state
+
+
+def _teacher_draw_for_state(config, model):
+    """``draw_for_state(state, key, batch_size) -> draw_batch`` sampling ``model``'s network with
+    the EMA parameters of a training state, labels drawn as the modes draw them."""
+    graphdef, _, others = train.split(model)
+    samplers = {}
+
+    def draw_for_state(state, key, batch_size):
+        if batch_size not in samplers:
+            samplers[batch_size] = modes.TeacherSampler(config, graphdef, others, batch_size)
+        return _draw_batches(samplers[batch_size], state["ema"], config, key, batch_size)
+
+    return draw_for_state
+
+
+def _draw_batches(draw, params, config, key, batch_size):
+    """draw_batch(i) -> (samples, class indices) with noise fold_in(key, i) and the labels of
+    modes.label_draws(fold_in(key, 1))."""
+    labels = modes.label_draws(config, jax.random.fold_in(key, 1), batch_size)
+
+    def draw_batch(i):
+        one_hot, idx = labels(i)
+        return draw(params, jax.random.fold_in(key, i), one_hot), idx
+
+    return draw_batch
 
 
 # ---------------------------------------------------------------------------------------------
@@ -67,7 +96,7 @@ def test_cifar10_fid_stats_then_eval_with_random_inception(tmp_path, mock_cifar1
     workdir = str(tmp_path / "run")
     _save_untrained_teacher(config, workdir)
 
-    stats = evaluate.fid_stats(config, workdir)["fid_stats/protocol"]
+    stats = modes.fid_stats(config, workdir)["fid_stats/protocol"]
     ref_path = os.path.join(workdir, "ref_stats.npz")
     sha = inception.file_sha256(weights)
     assert stats["path"] == ref_path and stats["num_samples"] == 4  # the first 4 of 8
@@ -78,21 +107,24 @@ def test_cifar10_fid_stats_then_eval_with_random_inception(tmp_path, mock_cifar1
 
     # The dataset against its own statistics: FID ~0 (float32 features) and perfect precision and
     # recall.
-    net = evaluate.feature_network(config, workdir)
+    net = scoring.feature_network(config, workdir)
     ds = data.get_dataset(config.data, global_batch_size=1)
-    own = evaluate.score(config, net, ref_path, _data_draw(ds, 4, labels=False), 4,
-                         monitoring=True, progress=False)
+    own = scoring.sample_metrics(config, net, ref_path, _data_draw(ds, 4, labels=False), 4,
+                                 monitoring=True, progress=False)
     assert abs(own["fid_4"]) < 1e-4, own
     assert own["precision_4"] == 1.0 and own["recall_4"] == 1.0
 
-    out = evaluate.evaluate(config, workdir)
+    out = modes.evaluate(config, workdir)
     assert set(out) == {"eval/fid_4", "eval/is_4", "eval/is_4_std", "eval/precision_4",
                         "eval/recall_4", "eval/protocol"}
     # Samples of a 2-step network are noise, far from the data in any features.
     assert out["eval/fid_4"] > 100 * max(abs(own["fid_4"]), 1e-3), (out, own)
-    assert 1.0 <= out["eval/is_4"] <= 8.0
+    # IS over 4 samples uses 4 splits of one sample: each split's marginal p(y) is that sample's
+    # p(y|x), so KL = 0 and IS = exp(0) = 1 exactly, with no spread across splits.
+    assert out["eval/is_4"] == pytest.approx(1.0, abs=1e-9)
+    assert out["eval/is_4_std"] == pytest.approx(0.0, abs=1e-9)
     p = _results(workdir)["eval/protocol"]
-    assert p["num_samples"] == 4 and p["monitoring"] is True
+    assert p["num_samples"] == 4 and p["monitoring"] is True and p["is_splits"] == 4
     assert p["reference_stats"] == ref_path
     assert p["reference_stats_sha256"] == inception.file_sha256(ref_path)
     assert p["inception_weights"] == os.path.abspath(weights)
@@ -103,7 +135,7 @@ def test_cifar10_fid_stats_then_eval_with_random_inception(tmp_path, mock_cifar1
     # The reported protocol refuses 4 samples before anything is drawn.
     config.eval.monitoring = False
     with pytest.raises(ValueError, match="50,000"):
-        evaluate.evaluate(config, workdir)
+        modes.evaluate(config, workdir)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,7 +160,7 @@ def digits_run(tmp_path_factory):
     config = _digits_config()
     state = _save_untrained_teacher(config, workdir)
     classifier.get_classifier("digits", workdir, image_size=8, steps=150, verbose=False)
-    stats = evaluate.fid_stats(config, workdir)["fid_stats/protocol"]
+    stats = modes.fid_stats(config, workdir)["fid_stats/protocol"]
     return config, workdir, stats, state
 
 
@@ -145,18 +177,18 @@ def test_digits_in_domain_stats_and_eval(digits_run):
 
     # Real digits with their labels: fd ~0 against their own statistics; accuracy equals the
     # classifier's on the same (uint8-quantised) images; shuffled labels drop it to ~chance.
-    net = evaluate.feature_network(config, workdir)
+    net = scoring.feature_network(config, workdir)
     ds = data.get_dataset(config.data, global_batch_size=1)
-    real = evaluate.score(config, net, os.path.join(workdir, "ref_stats.npz"),
-                          _data_draw(ds, 40), 90, monitoring=True, progress=False)
+    real = scoring.sample_metrics(config, net, os.path.join(workdir, "ref_stats.npz"),
+                                  _data_draw(ds, 40), 90, monitoring=True, progress=False)
     ex = ds.examples(np.arange(90))
     x = inception.to_uint8(ex["x"]).astype(np.float32) / 127.5 - 1.0
     expected = float((net.clf.predict(x) == ex["label"]).mean())
     assert real["accuracy_digits_90"] == pytest.approx(expected) and expected > 0.7
     assert abs(real["fd_digits_90"]) < 1e-3 and real["recall_digits_90"] == 1.0
-    shuffled = evaluate.score(config, net, os.path.join(workdir, "ref_stats.npz"),
-                              _data_draw(ds, 40, shuffle_labels=True), 90, monitoring=True,
-                              progress=False)
+    shuffled = scoring.sample_metrics(config, net, os.path.join(workdir, "ref_stats.npz"),
+                                      _data_draw(ds, 40, shuffle_labels=True), 90,
+                                      monitoring=True, progress=False)
     assert shuffled["accuracy_digits_90"] < 0.4
     gen = np.concatenate([_data_draw(ds, 40)(i)[0] for i in range(2)])[:80]
     feats = net(inception.to_uint8(gen))[0]
@@ -164,7 +196,7 @@ def test_digits_in_domain_stats_and_eval(digits_run):
     assert _frechet_psd(mu, sigma, ref["mu"], ref["sigma"]) == pytest.approx(
         fid.frechet_distance(mu, sigma, ref["mu"], ref["sigma"]), rel=1e-5)  # its eps retry
 
-    out = evaluate.evaluate(config, workdir)
+    out = modes.evaluate(config, workdir)
     assert set(out) == {"eval/fd_digits_90", "eval/precision_digits_90", "eval/recall_digits_90",
                         "eval/accuracy_digits_90", "eval/protocol"}  # no FID, no IS
     assert out["eval/fd_digits_90"] > 100 * max(abs(real["fd_digits_90"]), 1e-3)
@@ -177,18 +209,24 @@ def test_digits_in_domain_stats_and_eval(digits_run):
 
 def test_periodic_eval_and_best_checkpoint(digits_run, tmp_path):
     config, workdir, _, state = digits_run
-    model, _ = train.load_model(config, workdir)
-    evaluator = evaluate.periodic_eval(config, workdir)
+    model, _ = modes.load_teacher(config, workdir)
+    evaluator = scoring.PeriodicEval(config, workdir)
     assert evaluator.metric == "eval/fd_digits_40"
-    first = evaluator(2, model)
+    bs = evaluator.batch_size
+
+    def teacher_draw(model):
+        draw, params = modes.teacher_sampler(config, model, bs)
+        return _draw_batches(draw, params, config, evaluator.key, bs)
+
+    first = evaluator(teacher_draw(model))
     assert set(first) == {"eval/fd_digits_40", "eval/precision_digits_40",
                           "eval/recall_digits_40", "eval/accuracy_digits_40"}
-    assert evaluator(4, model) == first  # same noise, same weights: same numbers
-    worse = train.build_model(config, seed=5)  # other weights: another value
-    assert evaluator(4, worse)["eval/fd_digits_40"] != first["eval/fd_digits_40"]
+    assert evaluator(teacher_draw(model)) == first  # same noise, same weights: same numbers
+    worse = modes.build_model(config, seed=5)  # other weights: another value
+    assert evaluator(teacher_draw(worse))["eval/fd_digits_40"] != first["eval/fd_digits_40"]
 
     run = str(tmp_path)
-    best = evaluate.BestCheckpoint(run, evaluator.metric)
+    best = scoring.BestCheckpoint(run, evaluator.metric)
     assert best.lower
     value = first["eval/fd_digits_40"]
     assert best.update(2, first, state)
@@ -196,30 +234,32 @@ def test_periodic_eval_and_best_checkpoint(digits_run, tmp_path):
     assert not best.update(5, {evaluator.metric: float("nan")}, state)
     assert best.update(6, {evaluator.metric: value - 1.0}, state)
     assert checkpoint.Checkpointer(os.path.join(run, "best")).all_steps() == [6]
-    again = evaluate.BestCheckpoint(run, evaluator.metric)  # a resumed run reads the record
+    again = scoring.BestCheckpoint(run, evaluator.metric)  # a resumed run reads the record
     assert again.best == {"metric": evaluator.metric, "value": value - 1.0, "step": 6}
     assert not again.update(8, {evaluator.metric: value}, state)
     step, restored = checkpoint.Checkpointer(os.path.join(run, "best")).restore_latest(state)
     assert step == 6
     jax.tree.map(np.testing.assert_array_equal, restored["ema"], state["ema"])
-    assert not evaluate.BestCheckpoint(run, "eval/is_10k").lower
+    assert not scoring.BestCheckpoint(run, "eval/is_10k").lower
     with pytest.raises(KeyError, match="fd_digits_40"):
         best.update(9, {"eval/fid_10k": 1.0}, state)
 
     # The hook for train.fit(on_log=...): only at multiples of eval.every.
-    assert evaluate.training_hook(config, workdir, lambda s: model) is None  # every = 0
+    draw_for_state = _teacher_draw_for_state(config, model)
+    assert config.eval.every == 0
+    assert scoring.periodic_hook(config, workdir, draw_for_state, every=0) is None
     config = config.copy_and_resolve_references()
     config.eval.every = 2
-    hook = evaluate.training_hook(config, workdir, lambda s: model)
+    hook = scoring.periodic_hook(config, workdir, draw_for_state, every=2)
     assert hook(1, state) == {}
     assert hook(2, state) == first
     with open(os.path.join(workdir, "best.json")) as f:
         assert json.load(f) == {"metric": evaluator.metric, "value": value, "step": 2}
 
-    # ... wired into the teacher loop: train.train scores the EMA teacher and keeps the best.
+    # ... wired into the teacher loop: --mode=train scores the EMA teacher and keeps the best.
     config.eval.ref_stats = os.path.join(workdir, "ref_stats.npz")
     trained = str(tmp_path / "trained")
-    out = train.train(config, trained)
+    out = modes.train_teacher(config, trained)
     with open(os.path.join(trained, "best.json")) as f:
         record = json.load(f)
     assert record["step"] == 2 and out[f"final/{evaluator.metric}"] == record["value"]
@@ -231,29 +271,31 @@ def test_student_periodic_eval_keeps_the_best_state(digits_run, tmp_path):
     one-step sampler and keeps the best state; the value is the student's, not the teacher's."""
     config, teacher_dir, _, _ = digits_run
     c = distill_digits.get_config()
-    c.model, c.sampling, c.eval, c.optim = config.model, config.sampling, config.eval, config.optim
+    c.sampling, c.eval = config.sampling, config.eval
     c.eval.ref_stats = os.path.join(teacher_dir, "ref_stats.npz")
     c.distill.update(teacher_workdir=teacher_dir, batch_size=8, num_steps=2, log_every=1,
                      ckpt_every=1000, eval_every=2, num_eval_samples=8, eval_batch_size=8,
                      student_update_every=2, disc_resolutions=(8,))
     run = str(tmp_path)
-    out = distill.distill(c, run)
+    out = modes.distill(c, run)
     metric = "eval/fd_digits_40"
     with open(os.path.join(run, "best.json")) as f:
         record = json.load(f)
     assert record["metric"] == metric and record["step"] == 2
     assert out[f"final/{metric}"] == pytest.approx(record["value"])
 
-    distiller, state = distill.load_student(c, run)
+    c = modes.run_config(c, run)  # the teacher's networks, recorded by the distillation
+    assert c.model.to_dict() == config.model.to_dict()
+    distillation, state = modes.load_student(c, run)
     best_step, best = checkpoint.Checkpointer(os.path.join(run, "best")).restore_latest(state)
     assert best_step == 2
-    evaluator = evaluate.periodic_eval(c, run)
-    draw = distiller.sample_fn(40)
-    onehot = jax.nn.one_hot(np.arange(40) % 10, 10)
-    student = evaluator.score_draw(lambda i: (draw(best["student_ema"], jax.random.fold_in(
-        evaluator.key, i), onehot), np.arange(40) % 10))
+    evaluator = scoring.PeriodicEval(c, run)
+    bs = evaluator.batch_size
+    student = evaluator(_draw_batches(modes.student_draw(c, distillation, bs),
+                                      best["student_ema"], c, evaluator.key, bs))
     assert student[metric] == pytest.approx(record["value"], rel=1e-4)
-    teacher = evaluator(0, train.load_model(config, teacher_dir)[0])
+    draw, params = modes.teacher_sampler(config, modes.load_teacher(config, teacher_dir)[0], bs)
+    teacher = evaluator(_draw_batches(draw, params, config, evaluator.key, bs))
     assert teacher[metric] != pytest.approx(record["value"], rel=1e-2)
 
 
@@ -265,29 +307,31 @@ def test_bad_input_names_the_problem_and_the_fix(tmp_path):
     workdir = str(tmp_path)
     config.eval.features = "fid"
     with pytest.raises(ValueError, match="inception, classifier"):
-        evaluate.fid_stats(config, workdir)
+        modes.fid_stats(config, workdir)
     cifar = cifar10_edm_ddpmpp.get_config()
     cifar.eval.features = "classifier"
     with pytest.raises(ValueError, match="features='inception'"):
-        evaluate.fid_stats(cifar, workdir)
+        modes.fid_stats(cifar, workdir)
     cifar.eval.features = "inception"
     with pytest.raises(FileNotFoundError, match="inception_weights is empty.*pytorch-fid"):
-        evaluate.fid_stats(cifar, workdir)
+        modes.fid_stats(cifar, workdir)
     cifar.eval.inception_weights = str(tmp_path / "pt_inception.pth")
     with pytest.raises(FileNotFoundError, match="pt_inception.pth.*convert_inception"):
-        evaluate.fid_stats(cifar, workdir)
+        modes.fid_stats(cifar, workdir)
 
     # eval checks the protocol, then the reference file, before any checkpoint or model
     config.eval.features = "classifier"
     config.eval.monitoring = False
     with pytest.raises(ValueError, match="50,000"):
-        evaluate.evaluate(config, workdir)
+        modes.evaluate(config, workdir)
     config.eval.monitoring = True
     with pytest.raises(FileNotFoundError, match="ref_stats.npz.*--mode=fid_stats"):
-        evaluate.evaluate(config, workdir)
+        modes.evaluate(config, workdir)
     with pytest.raises(FileNotFoundError, match="ref_stats.npz.*--mode=fid_stats"):
-        evaluate.periodic_eval(config, workdir)
-    config.eval.every = 300
-    with pytest.raises(ValueError, match="every=300 steps must be a multiple of the log interval 200"):
-        evaluate.training_hook(config, workdir, lambda s: None, log_every=200)
+        scoring.PeriodicEval(config, workdir)
+    with pytest.raises(FileNotFoundError, match="ref_stats.npz.*--mode=fid_stats"):
+        scoring.periodic_hook(config, workdir, lambda *a: None, every=2)
+    with pytest.raises(ValueError, match="every=300 steps must be a multiple of the log interval "
+                                         "200"):
+        scoring.periodic_hook(config, workdir, lambda *a: None, every=300, log_every=200)
     assert not os.path.exists(os.path.join(workdir, "checkpoints"))

@@ -7,6 +7,7 @@ import pytest
 from scipy import stats
 
 from fdistill import sde
+from fdistill.models.denoiser import preconditioning
 
 PROCESSES = [sde.VESDE(), sde.VPSDE(), sde.subVPSDE(), sde.EDM()]
 IDS = ['ve', 'vp', 'subvp', 'edm']
@@ -151,7 +152,7 @@ def test_edm_precond_satisfies_edm_design_criteria():
     """EDM Appendix B.6: unit-variance network input and training target, c_skip minimising c_out."""
     p = sde.EDM()
     sigma = jnp.asarray([0.002, 0.1, 0.5, 2., 80.])
-    c_skip, c_out, c_in, c_noise = p.precond(sigma)
+    c_skip, c_out, c_in, c_noise = preconditioning('edm', sigma, sigma, sigma_data=p.sigma_data)
     sd2 = 0.25
     np.testing.assert_allclose(c_in ** 2 * (sigma ** 2 + sd2), 1., rtol=1e-5)
     target_var = ((1 - c_skip) ** 2 * sd2 + c_skip ** 2 * sigma ** 2) / c_out ** 2

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from fdistill import checkpoint, sharding, train
+from fdistill import checkpoint, modes, sharding, train
 from tests.tiny import tiny_toy_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -65,9 +65,11 @@ def test_two_processes_match_one_process_with_four_devices(tmp_path):
 
 
 def test_resumed_training_is_bit_for_bit(tmp_path):
-    full = train.train(tiny_toy_config(num_steps=6, ckpt_every=3), str(tmp_path / "full"))
-    train.train(tiny_toy_config(num_steps=3, ckpt_every=3), str(tmp_path / "cut"))
-    resumed = train.train(tiny_toy_config(num_steps=6, ckpt_every=3), str(tmp_path / "cut"))
+    full = modes.train_teacher(tiny_toy_config(num_steps=6, ckpt_every=3),
+                               str(tmp_path / "full"))
+    modes.train_teacher(tiny_toy_config(num_steps=3, ckpt_every=3), str(tmp_path / "cut"))
+    resumed = modes.train_teacher(tiny_toy_config(num_steps=6, ckpt_every=3),
+                                  str(tmp_path / "cut"))
     assert [s for s, _ in resumed["history"]] == [4, 5, 6]
     for a, b in zip(jax.tree.leaves(full["state"]), jax.tree.leaves(resumed["state"])):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -86,14 +88,15 @@ def test_nonfinite_loss_stops_and_keeps_the_good_checkpoint(tmp_path, monkeypatc
 
     monkeypatch.setattr(data, "get_dataset", poisoned)
     with pytest.raises(train.NonFiniteError, match=r"step 2.*train/loss=nan"):
-        train.train(tiny_toy_config(num_steps=4, ckpt_every=2, log_every=2), str(tmp_path))
+        modes.train_teacher(tiny_toy_config(num_steps=4, ckpt_every=2, log_every=2), str(tmp_path))
     ckpt = checkpoint.Checkpointer(str(tmp_path / "checkpoints"))
     assert ckpt.all_steps() == [2]
 
 
 def test_corrupt_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
     workdir = str(tmp_path)
-    out = train.train(tiny_toy_config(num_steps=4, ckpt_every=2, keep_checkpoints=3), workdir)
+    out = modes.train_teacher(tiny_toy_config(num_steps=4, ckpt_every=2, keep_checkpoints=3),
+                              workdir)
     ckpt_dir = os.path.join(workdir, "checkpoints")
     for f in glob.glob(os.path.join(ckpt_dir, "4", "**", "*"), recursive=True):
         if os.path.isfile(f):
@@ -113,7 +116,7 @@ def test_batch_not_divisible_by_devices_is_refused():
 
 def test_missing_teacher_checkpoint_is_reported(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        train.load_model(tiny_toy_config(), str(tmp_path))
+        modes.load_teacher(tiny_toy_config(), str(tmp_path))
 
 
 def test_cli_train_then_sample_writes_results(tmp_path):
@@ -136,14 +139,13 @@ def test_cli_train_then_sample_writes_results(tmp_path):
 
 
 def test_likelihood_mode_on_a_trained_toy_teacher(tmp_path):
-    from fdistill import generate
     config = tiny_toy_config(num_steps=600, log_every=600, ema_rate=0.9)
     config.data.std = 0.2
     config.model.hidden = 64
     config.training.batch_size = 256
     config.eval.num_examples = 64
-    train.train(config, str(tmp_path))
-    results = generate.likelihood(config, str(tmp_path))
+    modes.train_teacher(config, str(tmp_path))
+    results = modes.likelihood(config, str(tmp_path))
     # The gap to the true density's NLL estimates KL(p || model) >= 0 up to Monte Carlo error.
     assert results["likelihood/kl_pq_estimate"] > -0.3
     # A model that learnt only the data's mean and covariance (isotropic, variance r^2/2 + s^2)

@@ -32,11 +32,11 @@ if args.num_processes > 1:
 
 import numpy as np  # noqa: E402
 
-from fdistill import sharding, train  # noqa: E402
+from fdistill import modes, sharding  # noqa: E402
 from tests.tiny import tiny_toy_config  # noqa: E402
 
 config = tiny_toy_config(num_steps=args.steps, param_sharding=args.param_sharding)
-out = train.train(config, args.workdir)
+out = modes.train_teacher(config, args.workdir)
 ema = sharding.to_host(out["state"]["ema"])
 if args.num_processes > 1:
     from jax.experimental import multihost_utils
