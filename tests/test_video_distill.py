@@ -235,7 +235,7 @@ for run, settings in {"js": dict(divergence="jensen_shannon", gan_weight=0.1, no
         mesh = Mesh(np.asarray(jax.devices()[:n]), ("data",), axis_types=(AxisType.Auto,))
         d = modes.build_distillation(c, teacher, mesh)
         state, hist = d.initial_state, []
-        for i in range(2):
+        for i in range(2 if run == "js" else 1):          # alpha: its student step only
             batch = {"x": ds.batch(i)["x"], "label": None, "fkl": pairs}
             state, m = d.step(state, i, sharding.global_batch(batch, mesh))
             hist.append({k: float(v) for k, v in m.items()})
@@ -254,7 +254,9 @@ def test_video_distillation_matches_on_one_and_two_devices():
             assert ma.keys() == mb.keys()
             for k in ma:
                 np.testing.assert_allclose(ma[k], mb[k], rtol=2e-5, atol=2e-6, err_msg=f"{run} {k}")
-        first, last = out[f"{run}1"][0], out[f"{run}1"][-1]
+        first = out[f"{run}1"][0]
         assert first["student/loss_fkl"] > 0 and first["student/loss"] != 0.0
-        assert last["critic/loss_d"] > 0 and last["critic/loss_dsm"] != 0.0
+        assert first["student/h_max"] > first["student/h_min"] > 0       # r-dependent weights
+    last = out["js1"][-1]
+    assert last["critic/loss_d"] > 0 and last["critic/loss_dsm"] != 0.0
     assert out["js1"][0]["student/loss_gan"] > 0

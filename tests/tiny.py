@@ -29,8 +29,11 @@ def tiny_toy_config(num_steps: int = 6, **training) -> ml_collections.ConfigDict
 def run_on_fake_devices(script: str, devices: int = 2, timeout: int = 600):
     """Runs ``script`` (python source printing ``RESULT<json>``) with ``devices`` fake CPU
     devices from the repository root; returns the decoded JSON."""
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-               JAX_PLATFORMS="cpu")
+    # Tiny programs: compile time dominates, so XLA's expensive CPU optimisations are off.
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} "
+                         "--xla_backend_optimization_level=0 "
+                         "--xla_llvm_disable_expensive_passes=true")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run([sys.executable, "-c", script], cwd=root, env=env,
                           capture_output=True, text=True, timeout=timeout)
