@@ -722,7 +722,7 @@ def evaluate(config, workdir: str) -> dict:
         return draw(params, jax.random.fold_in(key, i), one_hot), idx
 
     t0 = time.time()
-    out = scoring.sample_metrics(config, net, ref, draw_batch, n, monitoring=monitoring,
+    out = scoring.sample_metrics(config, net, ref_path, draw_batch, n, monitoring=monitoring,
                                  progress=jax.process_index() == 0)
     protocol = dict(out.pop("protocol"), **generator, batch_size=bs, seed=int(config.seed),
                     reference=ref_path, labels="uniform random (seed)",

@@ -109,7 +109,7 @@ def test_mlp_head_on_toy_features_via_denoiser():
     # A hidden state per position ([B, T, H], the video network's frames): the mean over
     # positions of the per-position logits.
     frames = jnp.stack([feats[0], 2.0 * feats[0], -feats[0]], axis=1)
-    per_frame = [disc({0: frames[:, t]})[:, 0] for t in range(3)]
+    per_frame = [_mlp_head(disc.heads[0], frames[:, t]) for t in range(3)]
     np.testing.assert_allclose(disc({0: frames})[:, 0], np.mean(per_frame, axis=0), rtol=1e-5,
                                atol=1e-6)
 
