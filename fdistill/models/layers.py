@@ -3,6 +3,10 @@
 The layers follow EDM's re-implementation of Song et al.'s architectures (Karras et al. 2022,
 `training/networks.py`) so that parameter shapes and initialisation agree with it, written for
 JAX in NHWC layout: convolution kernels are HWIO, linear kernels are [in, out].
+
+Mixed precision: parameters stay float32; every layer computes in its input's dtype (weights are
+cast at use), GroupNorm statistics and the attention softmax in float32. The networks cast their
+input and embedding to `compute_dtype` and their outputs back to float32.
 """
 from __future__ import annotations
 
@@ -15,6 +19,14 @@ import numpy as np
 from flax import nnx
 
 INIT_MODES = ('xavier_uniform', 'xavier_normal', 'kaiming_uniform', 'kaiming_normal')
+COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+def compute_dtype_of(name: str):
+    """The jnp dtype for `model.compute_dtype` ('float32' or 'bfloat16')."""
+    if name not in COMPUTE_DTYPES:
+        raise ValueError(f'Unknown compute_dtype {name!r}; valid: {", ".join(COMPUTE_DTYPES)}.')
+    return COMPUTE_DTYPES[name]
 
 
 def weight_init(key, shape, mode: str, fan_in: int, fan_out: int, scale: float = 1.) -> jax.Array:
@@ -67,8 +79,8 @@ class Linear(nnx.Module):
                              if bias else None)
 
     def __call__(self, x):
-        x = x @ self.weight[...]
-        return x if self.bias is None else x + self.bias[...]
+        x = x @ self.weight[...].astype(x.dtype)
+        return x if self.bias is None else x + self.bias[...].astype(x.dtype)
 
 
 def _resample_kernel(resample_filter: Sequence[float]) -> np.ndarray:
@@ -152,7 +164,7 @@ class Conv2d(nnx.Module):
                              if kernel and bias else None)
 
     def __call__(self, x):
-        w = None if self.weight is None else self.weight[...]
+        w = None if self.weight is None else self.weight[...].astype(x.dtype)
         w_pad = 0 if w is None else w.shape[0] // 2
         f = self.resample_filter
         f_pad = (len(f) - 1) // 2
@@ -166,7 +178,7 @@ class Conv2d(nnx.Module):
                 x = downsample(x, f)
             if w is not None:
                 x = conv2d(x, w, pad=w_pad)
-        return x if self.bias is None else x + self.bias[...]
+        return x if self.bias is None else x + self.bias[...].astype(x.dtype)
 
 
 def num_groups(num_channels: int, max_groups: int = 32, min_channels_per_group: int = 4) -> int:
@@ -323,13 +335,21 @@ class UNetBlock(nnx.Module):
         n, d = self.num_heads, c // self.num_heads
         weight = self.qkv.weight[...].reshape(c, n, d, 3).transpose(0, 3, 1, 2).reshape(c, 3 * c)
         bias = self.qkv.bias[...].reshape(n, d, 3).transpose(2, 0, 1).reshape(3 * c)
-        qkv = (x.reshape(b, h * w, c) @ weight.astype(x.dtype) + bias.astype(x.dtype))
-        q, k, v = (qkv[..., i * c:(i + 1) * c].reshape(b, h * w, n, d).transpose(0, 2, 1, 3).reshape(b * n, h * w, d)
-                   for i in range(3))
+        qkv = x.reshape(b, h * w, c) @ weight.astype(x.dtype) + bias.astype(x.dtype)
+        q, k, v = (qkv[..., i * c:(i + 1) * c].reshape(b, h * w, n, d).transpose(0, 2, 1, 3)
+                   .reshape(b * n, h * w, d) for i in range(3))
         logits = jnp.einsum('bqd,bkd->bqk', q * (1 / math.sqrt(d)), k)
         p = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(x.dtype)
         a = jnp.einsum('bqk,bkd->bqd', p, v)
         return a.reshape(b, n, h * w, d).transpose(0, 2, 1, 3).reshape(b, h, w, c)
+
+
+def run_block(block: UNetBlock, x, emb, key=None, *, remat: bool = False):
+    """block(x, emb, key=key); with `remat`, its activations are recomputed in the backward pass
+    instead of stored (jax.checkpoint: less memory, one more forward of the block)."""
+    if not remat:
+        return block(x, emb, key=key)
+    return nnx.remat(lambda block, x, emb, key: block(x, emb, key=key))(block, x, emb, key)
 
 
 class Buffer(nnx.Variable):
