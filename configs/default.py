@@ -45,6 +45,8 @@ def get_default_config() -> ml_collections.ConfigDict:
     m.encoder_type = "standard"       # standard | skip | residual
     m.decoder_type = "standard"       # standard | skip
     m.resample_filter = (1, 1)
+    m.remat = False                   # U-Nets: recompute block activations in the backward pass
+    m.compute_dtype = "float32"       # U-Nets: float32 | bfloat16 (parameters stay float32)
     m.label_dropout = 0.0
     m.hidden = 256
     m.depth = 4

@@ -1,28 +1,45 @@
-"""f-distill cost on the BENCHMARKS.md network, measured side by side in one run.
+"""f-distill cost on the BENCHMARKS network, measured side by side in one process.
 
 Network: EDM-preconditioned DDPM++ (SongUNet 32x32x3, 10 classes, 32 channels, mults (1, 2),
-4 blocks, attention at 16; 1,601,091 parameters), discriminator: one head on the teacher's 16x16
+4 blocks, attention at 16; 1,601,091 parameters); discriminator: one head on the teacher's 16x16
 features. Distillation as FastGen's CIFAR-10 f-distill config: forward-KL, 1 student update per 4
 critic updates, GAN weight 1e-3, AdamW lr 1e-4 wd 1e-2, student gradient clip 10, no R1.
 
-Prints, at one batch size: ms per student iteration, per critic iteration, per mean iteration of a
-1 + 4 cycle and per plain DSM (EDM-loss) teacher step, with their ratios to the DSM step;
-Jensen-Shannon's and reverse-KL's student iteration against forward-KL's; and the one-step
-student's sampling throughput against the teacher's 35-evaluation Heun sampler.
+Prints, for each network variant (`--variants`, see experiments/xla_cpu_variants.py) and at one
+batch size:
+  * per network phase: forward, forward + input gradient, forward + parameter gradient, and the
+    plain DSM step (EDM loss, backward, clip 10, Adam): compile seconds, median wall ms, process
+    CPU ms, cores busy (CPU time / wall time), XLA's GFLOP and temporary buffer size, and ratios
+    (wall and CPU) to the first variant;
+  * with --distill, per distillation iteration: student (forward-KL, and JS / reverse-KL with
+    --divergences), critic, the 1 + 4 cycle mean, and ratios to the DSM step;
+  * with --sampling, the one-step student against the teacher's 35-evaluation Heun sampler;
+  * the process's peak resident memory; and, when --reference names a FastGen checkout and torch
+    imports, the PyTorch reference's network phases measured in the same rounds.
 
-    PYTHONPATH=. python experiments/bench_distill.py             # batch 16, as BENCHMARKS.md
-    PYTHONPATH=. python experiments/bench_distill.py --batch 64 --reps 5
+Every program is compiled first; then `--rounds` rounds each call every program once, so all
+variants see the same machine load (this CPU is shared): compare the ratios, not absolute times
+across runs. The load average is printed before and after.
 
-FastGen (PyTorch, same 2 cores, batch 16): student 626 ms (1.93x DSM), critic 460 ms (1.44x),
-1 + 4 cycle mean 497 ms (1.54x), DSM 329 ms. The machine is shared: the load average is printed
-before and after; compare runs only at similar load.
+    PYTHONPATH=. python experiments/bench_distill.py                       # current code
+    PYTHONPATH=. python experiments/bench_distill.py --variants current,pre_change
+    PYTHONPATH=. python experiments/bench_distill.py --distill --sampling --rounds 5
+    PYTHONPATH=. python experiments/bench_distill.py --smoke --variants current,pre_change
+
+FastGen (PyTorch 2.14, 2 threads, batch 16) on this machine, median of 5 process runs: DSM step
+329 ms, student iteration 626, critic 460, 1 + 4 cycle mean 497; single passes: forward 124 ms,
+forward + input gradient 200, forward + parameter gradient 373.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
+import resource
 import statistics
+import sys
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -30,156 +47,291 @@ import numpy as np
 import optax
 from flax import nnx
 
-from configs.distill_base import add_distill, optim
 from experiments.bench_teacher import benchmark_config
-from fdistill import distill, losses, sampling, sharding, train
+from experiments.xla_cpu_variants import VARIANTS, get_variant
+from fdistill import losses, models
+
+PHASES = ("forward", "input_grad", "param_grad", "dsm")
+PHASE_NAMES = {"forward": "forward", "input_grad": "forward + input gradient",
+               "param_grad": "forward + parameter gradient",
+               "dsm": "DSM step (EDM loss, clip, Adam)"}
 
 
-def distill_config(divergence: str, batch: int, smoke: bool = False):
-    c = add_distill(benchmark_config(), divergence=divergence)
+@dataclasses.dataclass
+class Program:
+    """A compiled program and a closure that runs it once and blocks on the result."""
+    name: str
+    variant: str
+    compile_s: float
+    flops: float
+    temp_bytes: int
+    run: Callable[[], None]
+    wall: list = dataclasses.field(default_factory=list)
+    cpu: list = dataclasses.field(default_factory=list)
+
+    def time_once(self):
+        t0, c0 = time.perf_counter(), time.process_time()
+        self.run()
+        self.wall.append(time.perf_counter() - t0)
+        self.cpu.append(time.process_time() - c0)
+
+    @property
+    def ms(self) -> float:
+        return 1e3 * statistics.median(self.wall)
+
+    @property
+    def cpu_ms(self) -> float:
+        return 1e3 * statistics.median(self.cpu)
+
+    @property
+    def cores(self) -> float:
+        return sum(self.cpu) / sum(self.wall)
+
+
+def compile_program(name: str, variant: str, fn: Callable, args: tuple, *,
+                    state_argnum: int | None = None) -> Program:
+    """Traces `fn` with `variant`'s formulation and compile options, compiles it and wraps it. With
+    `state_argnum`, the call's first output replaces that argument for the next call (a training
+    step's state)."""
+    v = get_variant(variant)
+    t0 = time.perf_counter()
+    with v.applied():
+        lowered = fn.lower(*args) if hasattr(fn, "lower") else jax.jit(fn).lower(*args)
+    exe = lowered.compile(compiler_options=v.compiler_options)
+    compile_s = time.perf_counter() - t0
+    cost = exe.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    flops = float(cost.get("flops", 0.0)) if cost else 0.0
+    mem = exe.memory_analysis()
+    temp = int(getattr(mem, "temp_size_in_bytes", 0)) if mem is not None else 0
+    holder = list(args)
+
+    def run():
+        out = exe(*holder)
+        if state_argnum is not None:
+            holder[state_argnum] = out[0]
+        jax.block_until_ready(out)
+
+    run()   # warm-up (and the first state update)
+    return Program(name, variant, compile_s, flops, temp, run)
+
+
+def network_config(smoke: bool):
+    c = benchmark_config()
     if smoke:                                   # a much smaller network, to check the script
         c.model.model_channels, c.model.num_blocks = 16, 1
-    c.seed = 0
-    d = c.distill
-    d.disc_resolutions = (16,)
-    d.student_update_every = 5
-    d.gan_weight = 1e-3
-    d.r1_weight = 0.0
-    d.student_optim = optim(1e-4, weight_decay=1e-2, grad_clip=10.0)
-    d.fake_score_optim = optim(1e-4, weight_decay=1e-2, grad_clip=0.0)
-    d.disc_optim = optim(1e-4, weight_decay=1e-2, grad_clip=0.0)
-    d.batch_size = batch
     return c
 
 
-def compiled(jitted, *args):
-    """(compile seconds, the compiled executable, XLA's FLOP count per call)."""
-    t0 = time.perf_counter()
-    exe = jitted.lower(*args).compile()
-    seconds = time.perf_counter() - t0
-    cost = exe.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return seconds, exe, float(cost.get("flops", 0.0)) if cost else 0.0
+def network_programs(config, variant: str, phases, batch: int) -> list[Program]:
+    """The per-network phases on the teacher alone (no distillation code involved)."""
+    den = models.get_model(config, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(den)
+    process = den.process
+    key = jax.random.key(0)
+    k_x, k_s, k_n = jax.random.split(key, 3)
+    x0 = jax.random.uniform(k_x, (batch, 32, 32, 3), minval=-1.0, maxval=1.0)
+    labels = jax.nn.one_hot(jnp.arange(batch) % 10, 10)
+    sigma = process.sample_training_sigma(k_s, batch)
+    x_t = x0 + sigma[:, None, None, None] * jax.random.normal(k_n, x0.shape)
+
+    def forward(params, x_t):
+        return nnx.merge(graphdef, params)(x_t, sigma, labels)
+
+    def loss(params, x_t):
+        return jnp.mean(jnp.square(forward(params, x_t) - x0))
+
+    tx = optax.chain(optax.clip_by_global_norm(10.0), optax.adam(1e-4))
+
+    def dsm_step(state, key):
+        params, opt_state = state
+
+        def loss_fn(params):
+            per_example, _ = losses.edm_losses(nnx.merge(graphdef, params), process, key, x0, labels)
+            return per_example.mean()
+
+        value, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), opt_state), value
+
+    fns = {"forward": (forward, (params, x_t), None),
+           "input_grad": (jax.grad(loss, argnums=1), (params, x_t), None),
+           "param_grad": (jax.grad(loss), (params, x_t), None),
+           "dsm": (dsm_step, ((params, tx.init(params)), key), 0)}
+    out = []
+    for phase in phases:
+        fn, args, state_argnum = fns[phase]
+        out.append(compile_program(phase, variant, lambda *a, fn=fn: fn(*a), args,
+                                   state_argnum=state_argnum))
+    return out
 
 
-def median_ms(fn, reps: int) -> float:
-    """Median wall time of `fn()` (which blocks on its result) in ms, after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+def distillation_programs(config, variant: str, divergences, batch: int, sampling: bool
+                          ) -> tuple[list[Program], dict]:
+    """The f-distill student and critic iterations (and samplers) through the library's
+    distillation API. This is the one place that API is used: re-point it here when it changes."""
+    from configs.distill_base import add_distill, optim
+    from fdistill import modes, sampling as sampling_lib, sharding
+
+    def distill_config(divergence):
+        c = add_distill(config.copy_and_resolve_references(), divergence=divergence)
+        c.seed = 0
+        d = c.distill
+        d.disc_resolutions = (16,)
+        d.student_update_every = 5
+        d.gan_weight = 1e-3
+        d.r1_weight = 0.0
+        d.student_optim = optim(1e-4, weight_decay=1e-2, grad_clip=10.0)
+        d.fake_score_optim = optim(1e-4, weight_decay=1e-2, grad_clip=0.0)
+        d.disc_optim = optim(1e-4, weight_decay=1e-2, grad_clip=0.0)
+        d.batch_size = batch
+        return c
+
+    mesh = sharding.make_mesh()
+    key = jax.random.key(0)
+    x = np.asarray(jax.random.uniform(key, (batch, 32, 32, 3), minval=-1.0, maxval=1.0))
+    labels = np.asarray(jax.nn.one_hot(np.arange(batch) % 10, 10))
+    gbatch = sharding.global_batch({"x": x, "label": labels}, mesh)
+    teacher = modes.build_model(distill_config("fkl"))
+    out, info = [], {}
+    for div in divergences:
+        dist = modes.build_distillation(distill_config(div), teacher, mesh)
+        info["disc_params"] = sum(v.size for v in jax.tree.leaves(dist.initial_state["disc"]))
+        kinds = ("student", "critic") if div == divergences[0] else ("student",)
+        for kind in kinds:
+            step = getattr(dist, f"{kind}_step")
+            name = f"{kind} iteration" + (f" ({div})" if kind == "student" else "")
+            out.append(compile_program(name, variant, step,
+                                       (dist.initial_state, dist.teacher_params, gbatch),
+                                       state_argnum=0))
+        if sampling and div == divergences[0]:
+            draw = modes.student_draw(distill_config(div), dist, batch)
+            out.append(compile_program("one-step student sampler", variant, draw,
+                                       (dist.teacher_params, key, jnp.asarray(labels))))
+            graphdef, params, others = nnx.split(teacher, nnx.Param, ...)
+            heun = sampling_lib.get_sampler("heun", num_steps=18)
+
+            def heun_draw(params, key):
+                x, nfe = heun(nnx.merge(graphdef, params, others), teacher.process, key,
+                              (batch, 32, 32, 3), jnp.asarray(labels))
+                info["heun_nfe"] = nfe
+                return x
+
+            out.append(compile_program("teacher Heun sampler", variant, heun_draw, (params, key)))
+    return out, info
+
+
+def reference_programs(path: str, batch: int) -> list[Program] | str:
+    """FastGen's (PyTorch) network phases, when torch and a FastGen checkout at `path` import;
+    otherwise the reason why not."""
+    try:
+        sys.path.insert(0, path)
+        import torch   # noqa: F401
+        from experiments import fastgen_reference
+    except ImportError as e:
+        return f"reference not importable ({e})"
+    return fastgen_reference.programs(batch, Program)
+
+
+def print_table(title: str, programs: list[Program], variants: list[str], ref_name: str | None):
+    print(f"\n{title}")
+    print(f"{'':38s} {'variant':16s} {'compile s':>9s} {'ms':>8s} {'cpu ms':>8s} {'cores':>5s} "
+          f"{'ms/1st':>6s} {'cpu/1st':>7s} {'GFLOP':>6s} {'temp MB':>7s}"
+          + (f" {'/ ' + ref_name:>10s}" if ref_name else ""))
+    by = {(p.name, p.variant): p for p in programs}
+    names = list(dict.fromkeys(p.name for p in programs))
+    for name in names:
+        first = by.get((name, variants[0]))
+        ref = by.get((ref_name, variants[0])) if ref_name else None
+        for v in variants:
+            p = by.get((name, v))
+            if p is None:
+                continue
+            rel = (f"{p.ms / first.ms:6.2f} {p.cpu_ms / first.cpu_ms:7.2f}" if first
+                   else f"{'':6s} {'':7s}")
+            line = (f"{name:38s} {v:16s} {p.compile_s:9.1f} {p.ms:8.1f} {p.cpu_ms:8.1f} "
+                    f"{p.cores:5.2f} {rel} {p.flops / 1e9:6.1f} {p.temp_bytes / 2**20:7.1f}")
+            if ref is not None:
+                line += f" {p.ms / ref.ms:10.2f}"
+            print(line)
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--sample_batch", type=int, default=16)
+    p.add_argument("--rounds", type=int, default=5, help="timed calls of every program")
+    p.add_argument("--variants", default="current",
+                   help=f"comma-separated, ratios are to the first; one of: {', '.join(VARIANTS)}")
+    p.add_argument("--phases", default=",".join(PHASES),
+                   help=f"network phases to time (comma-separated; empty for none): {', '.join(PHASES)}")
+    p.add_argument("--distill", action="store_true", help="also the distillation iterations")
+    p.add_argument("--divergences", default="fkl",
+                   help="student iterations to time with --distill (the first also times the critic)")
+    p.add_argument("--sampling", action="store_true",
+                   help="with --distill: one-step student vs 35-NFE Heun sampling")
+    p.add_argument("--reference", default="", help="a FastGen checkout: time its network too")
     p.add_argument("--smoke", action="store_true", help="16 channels, 1 block: checks the script")
     args = p.parse_args()
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    for v in variants:
+        get_variant(v)
+    phases = [s.strip() for s in args.phases.split(",") if s.strip()]
+    bad = [s for s in phases if s not in PHASES]
+    if bad:
+        raise ValueError(f"Unknown phases {bad}; valid: {', '.join(PHASES)}.")
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} cpus, "
-          f"load average {os.getloadavg()[0]:.2f}")
-    b = args.batch
-    mesh = sharding.make_mesh()
-    key = jax.random.key(0)
-    batch = {"x": np.asarray(jax.random.uniform(key, (b, 32, 32, 3), minval=-1.0, maxval=1.0)),
-             "label": np.arange(b, dtype=np.int32) % 10}
-    gbatch = sharding.global_batch(batch, mesh)
+          f"load average {os.getloadavg()[0]:.2f}", flush=True)
 
-    teacher = train.build_model(distill_config("fkl", b, args.smoke))
-    n_params = sum(x.size for x in jax.tree.leaves(nnx.state(teacher, nnx.Param)))
-    rows, student_ms, flops = [], {}, {}
-    for div in ("fkl", "js", "rkl"):
-        d = distill.Distiller(distill_config(div, b, args.smoke), teacher, mesh)
-        n_disc = sum(x.size for x in jax.tree.leaves(d.initial_state["disc"]))
-        holder = {"state": d.initial_state}
-        kinds = ("student", "critic") if div == "fkl" else ("student",)
-        for kind in kinds:
-            step = getattr(d, f"{kind}_step")
-            c_s, fn, fl = compiled(step, holder["state"], d.teacher_params, gbatch)
-
-            def run(fn=fn, holder=holder, d=d):
-                holder["state"], m = fn(holder["state"], d.teacher_params, gbatch)
-                jax.block_until_ready(m)
-
-            ms = median_ms(run, args.reps)
-            name = f"{kind} iteration" + (f" ({div})" if kind == "student" else "")
-            rows.append((name, c_s, ms, fl))
-            if kind == "student":
-                student_ms[div], flops[div] = ms, fl
-            else:
-                critic_ms, critic_flops = ms, fl
-        if div == "fkl":
-            fkl_distiller = d
-
-    # The plain DSM step: EDM loss, backward, clip 10, Adam (one teacher training step).
-    graphdef, params, others = train.split(teacher)
-    process = teacher.process
-    tx = optax.chain(optax.clip_by_global_norm(10.0), optax.adam(1e-4))
-    labels = jax.nn.one_hot(batch["label"], 10)
-
-    def dsm_step(params, opt_state, key):
-        def loss_fn(params):
-            per_example, _ = losses.edm_losses(train.merge(graphdef, params, others), process, key,
-                                               gbatch["x"], labels)
-            return per_example.mean()
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    dsm = {"p": params, "o": tx.init(params)}
-    compile_dsm, dsm_exe, dsm_flops = compiled(jax.jit(dsm_step), dsm["p"], dsm["o"], key)
-
-    def run_dsm():
-        dsm["p"], dsm["o"], loss = dsm_exe(dsm["p"], dsm["o"], key)
-        jax.block_until_ready(loss)
-
-    dsm_ms = median_ms(run_dsm, args.reps)
-    cycle_ms = (student_ms["fkl"] + 4 * critic_ms) / 5
-    rows.insert(2, ("mean over a 1 student + 4 critic cycle", 0.0, cycle_ms,
-                    (flops["fkl"] + 4 * critic_flops) / 5))
-    rows.insert(3, ("plain DSM step (EDM loss, clip, Adam)", compile_dsm, dsm_ms, dsm_flops))
-
-    # Sampling: one-step student vs the teacher's Heun (18 steps, 35 NFE).
-    sb = args.sample_batch
-    s_labels = jax.nn.one_hot(jnp.arange(sb) % 10, 10)
-    draw = fkl_distiller.sample_fn(sb)
-    student_params = fkl_distiller.teacher_params
-    one_ms = median_ms(lambda: jax.block_until_ready(draw(student_params, key, s_labels)),
-                       args.reps)
-    heun = sampling.get_sampler("heun", num_steps=18)
-    nfe = {}
-
-    @jax.jit
-    def heun_draw(params, key):
-        x, nfe["n"] = heun(train.merge(graphdef, params, others), process, key, (sb, 32, 32, 3),
-                           s_labels)
-        return x
-
-    heun_ms = median_ms(lambda: jax.block_until_ready(heun_draw(params, key)),
-                        max(1, args.reps // 2))
+    config = network_config(args.smoke)
+    den = models.get_model(config, rngs=nnx.Rngs(0))
+    n_params = sum(x.size for x in jax.tree.leaves(nnx.state(den, nnx.Param)))
+    net, dist, info = [], [], {}
+    for v in variants:
+        net += network_programs(config, v, phases, args.batch)
+        if args.distill:
+            progs, info = distillation_programs(
+                config, v, [d.strip() for d in args.divergences.split(",")], args.batch,
+                args.sampling)
+            dist += progs
+        print(f"compiled variant {v}", flush=True)
+    ref = reference_programs(args.reference, args.batch) if args.reference else None
+    if isinstance(ref, str):
+        print(ref)
+        ref = None
+    everything = net + dist + (ref or [])
+    for _ in range(args.rounds):
+        for prog in everything:
+            prog.time_once()
 
     setting = "smoke, NOT the" if args.smoke else "the"
-    print(f"\nDDPM++ ({setting} BENCHMARKS.md setting), {n_params:,} parameters; discriminator "
-          f"{n_disc:,}; batch {b}, float32, median of {args.reps}")
-    print(f"{'per iteration':42s} {'compile s':>9s} {'ms':>9s} {'/ DSM':>7s} {'GFLOP':>7s} "
-          f"{'/ DSM':>7s}")
-    for what, c, ms, fl in rows:
-        comp = f"{c:9.1f}" if c else "        -"
-        print(f"{what:42s} {comp} {ms:9.1f} {ms / dsm_ms:7.2f} {fl / 1e9:7.1f} "
-              f"{fl / dsm_flops:7.2f}")
-    print(f"JS / FKL student iteration: time {student_ms['js'] / student_ms['fkl']:.3f}, FLOPs "
-          f"{flops['js'] / flops['fkl']:.4f}; JS / RKL: time "
-          f"{student_ms['js'] / student_ms['rkl']:.3f}, FLOPs {flops['js'] / flops['rkl']:.4f}")
-    print(f"\nsampling, batch {sb}: one-step student {one_ms:.1f} ms "
-          f"({sb / one_ms * 1e3:.1f} img/s); "
-          f"teacher Heun {nfe['n']} NFE {heun_ms:.1f} ms ({sb / heun_ms * 1e3:.1f} img/s); "
-          f"speed-up {heun_ms / one_ms:.1f}x")
-    print(f"load average after: {os.getloadavg()[0]:.2f}")
+    print(f"\nDDPM++ ({setting} BENCHMARKS setting), {n_params:,} parameters, batch {args.batch}, "
+          f"float32, median of {args.rounds} interleaved rounds")
+    if net:
+        print_table("network phases", net + (ref or []), variants + (["fastgen"] if ref else []),
+                    None)
+    if dist:
+        dsm = {p.variant: p for p in net if p.name == "dsm"}
+        print_table("distillation iterations", dist, variants, None)
+        for v in variants:
+            by = {p.name: p for p in dist if p.variant == v}
+            critic, student = by.get("critic iteration"), by.get(f"student iteration ({args.divergences.split(',')[0].strip()})")
+            if critic and student:
+                cycle = (student.ms + 4 * critic.ms) / 5
+                line = f"{v}: 1 + 4 cycle mean {cycle:.1f} ms"
+                if v in dsm:
+                    line += (f"; per DSM step: student {student.ms / dsm[v].ms:.2f}, critic "
+                             f"{critic.ms / dsm[v].ms:.2f}, cycle {cycle / dsm[v].ms:.2f}")
+                print(line)
+            one, heun = by.get("one-step student sampler"), by.get("teacher Heun sampler")
+            if one and heun:
+                print(f"{v}: sampling batch {args.batch}: one-step {one.ms:.1f} ms "
+                      f"({args.batch / one.ms * 1e3:.1f} img/s), Heun {info.get('heun_nfe')} NFE "
+                      f"{heun.ms:.1f} ms ({args.batch / heun.ms * 1e3:.1f} img/s), "
+                      f"speed-up {heun.ms / one.ms:.1f}x")
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+    print(f"\npeak resident memory of this process {rss:.0f} MB (all programs together); "
+          f"load average after: {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":

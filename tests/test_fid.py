@@ -3,6 +3,7 @@
 The pipeline tests use a cheap stand-in for the Inception callable (a fixed random projection
 with the same interface); the real port is tested in test_inception.py.
 """
+import json
 import os
 import warnings
 
@@ -202,3 +203,34 @@ def test_eval_refuses_bad_protocols_before_sampling(tmp_path):
                              monitoring=True)
     with pytest.raises(ValueError, match="has 20"):
         fid.compute_reference_stats(data, net, 50, progress=False)
+
+
+def test_two_processes_share_the_batches_and_get_the_single_process_metrics():
+    import socket
+    import subprocess
+    import sys
+    from tests import fid_worker
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    single = fid_worker.score(process_index=0, process_count=1)
+    assert single["featurised"] == fid_worker.NUM_SAMPLES
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, os.path.join(root, "tests", "fid_worker.py"),
+                               "--num_processes=2", f"--process_id={i}", f"--port={port}"],
+                              cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    hosts = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+        hosts.append(json.loads(out.split("RESULT ")[-1]))
+    assert [h["processes"] for h in hosts] == [2, 2]
+    # batches dealt out: process p draws batches p, p + 2, ... (12 batches of 8, the last has 2)
+    assert hosts[0]["drawn"] == list(range(0, 12, 2)) and hosts[1]["drawn"] == list(range(1, 12, 2))
+    assert [h["featurised"] for h in hosts] == [48, 42]
+    assert [h["protocol_featurised"] for h in hosts] == [48, 42]
+    for h in hosts:
+        assert h["metrics"].keys() == single["metrics"].keys()
+        for k, v in single["metrics"].items():
+            assert h["metrics"][k] == pytest.approx(v, rel=1e-9, abs=1e-12), k

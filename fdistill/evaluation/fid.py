@@ -16,6 +16,11 @@ subset of real pool features for precision/recall and KID), ``num_samples``, ``d
 A reported FID (metric ``fid``) needs 50,000 generated samples, as in EDM and the f-distill
 paper. Fewer samples are for monitoring only and must be asked for (``monitoring=True``); the
 metric is then named by its count (``fid_10k``), because FID is biased upwards at small N.
+
+Multi-host: with P JAX processes, ``evaluate_samples`` deals the sample batches out (process p
+draws and featurises batches p, p + P, ...) and merges the Inception statistics (count, sum and
+sum of outer products, in float64), the logits and the kept features across processes, so every
+process returns what one process featurising all batches would, in 1/P of the time.
 """
 from __future__ import annotations
 
@@ -24,8 +29,10 @@ import time
 import warnings
 from typing import Callable
 
+import jax
 import numpy as np
 import scipy.linalg
+from jax.experimental import multihost_utils
 
 from fdistill.evaluation import inception as inception_lib
 from fdistill.evaluation import metrics
@@ -102,6 +109,20 @@ class FeatureStats:
         if self.n < 2:
             raise ValueError(f"statistics need at least 2 features, got {self.n}")
         return self.mean.copy(), self.m2 / (self.n - 1)
+
+    def sums(self) -> tuple[int, np.ndarray, np.ndarray]:
+        """(N, sum of x, sum of x x^T): additive over disjoint sets of features."""
+        s1 = self.n * self.mean
+        return self.n, s1, self.m2 + np.outer(s1, self.mean)
+
+    @classmethod
+    def from_sums(cls, n: int, s1, s2) -> "FeatureStats":
+        """The statistics of features whose count, sum and sum of outer products are given."""
+        stats = cls(len(s1))
+        if n:
+            stats.n, stats.mean = int(n), np.asarray(s1, np.float64) / n
+            stats.m2 = np.asarray(s2, np.float64) - np.outer(s1, stats.mean)
+        return stats
 
 
 def metric_suffix(num_samples: int, *, monitoring: bool) -> str:
@@ -216,6 +237,77 @@ def write_reference_stats(path: str, dataset, inception_fn, num_samples: int | N
     return protocol
 
 
+def _allgather(x: np.ndarray) -> np.ndarray:
+    """[P, ...]: ``x`` (same shape and dtype on every process) from each process, bit-exact (sent
+    as int32 words, so float64 survives JAX's default 32-bit mode)."""
+    x = np.ascontiguousarray(x)
+    words = x.reshape(-1).view(np.uint8)
+    words = np.pad(words, (0, -len(words) % 4)).view(np.int32)
+    out = np.asarray(multihost_utils.process_allgather(words))
+    return out.view(np.uint8)[:, :x.nbytes].copy().view(x.dtype).reshape((-1,) + x.shape)
+
+
+def _allgather_rows(x: np.ndarray) -> list[np.ndarray]:
+    """Each process's ``x`` [n_p, ...] (row counts may differ between processes)."""
+    counts = _allgather(np.asarray([len(x)], np.int64))[:, 0]
+    padded = np.zeros((int(counts.max()),) + x.shape[1:], x.dtype)
+    padded[:len(x)] = x
+    return [rows[:c] for rows, c in zip(_allgather(padded), counts)]
+
+
+def _stream_dealt(sample_fn, inception_fn, num_samples: int, *, keep_features: int,
+                  rank: int, world: int, progress: bool):
+    """The multi-process ``_stream``: process ``rank`` of ``world`` draws and featurises batches
+    rank, rank + world, ...; the statistics are summed and the logits and kept features (the first
+    ``keep_features`` samples) gathered in sample order across processes. All batches but the
+    last must have the same size (the first one's). Returns (FeatureStats, logits, kept features,
+    images featurised by this process)."""
+    first = _as_uint8(sample_fn(rank))
+    size = len(first)
+    sizes = _allgather(np.asarray([size], np.int64))[:, 0]
+    if size == 0 or np.any(sizes != size):
+        raise ValueError(f"every process must draw batches of one size to share the work; got "
+                         f"first batches of sizes {sizes.tolist()}")
+    num_batches = -(-num_samples // size)
+    stats, logits, kept, index, done = None, [], [], [], 0
+    t0 = last = time.time()
+    for i in range(rank, num_batches, world):
+        images = (first if i == rank else _as_uint8(sample_fn(i)))[:num_samples - i * size]
+        pool, lg = inception_fn(images)
+        if stats is None:
+            stats = FeatureStats(np.shape(pool)[1])
+        stats.update(pool)
+        logits.append(np.asarray(lg, np.float32))
+        kept.append(np.asarray(pool[:max(0, keep_features - i * size)], np.float32))
+        index.append(i * size + np.arange(len(images)))
+        done += len(images)
+        if progress and time.time() - last > 10:
+            last = time.time()
+            print(f"generated samples: {done * world} (about) of {num_samples} images  "
+                  f"{done * world / (last - t0):.1f} img/s", flush=True)
+    widths = _allgather(np.asarray([stats.dim if stats else 0, logits[0].shape[1] if logits else 0],
+                                   np.int64)).max(axis=0)
+    dim, classes = int(widths[0]), int(widths[1])
+    stats = stats or FeatureStats(dim)
+    n, s1, s2 = stats.sums()
+    merged = FeatureStats.from_sums(int(_allgather(np.asarray([n], np.int64)).sum()),
+                                    _allgather(s1).sum(axis=0), _allgather(s2).sum(axis=0))
+    empty = lambda *shape: np.zeros((0,) + shape, np.float32)
+    local_index = np.concatenate(index) if index else np.zeros(0, np.int64)
+    kept_index = (np.concatenate([ix[:len(k)] for ix, k in zip(index, kept)]) if kept
+                  else np.zeros(0, np.int64))
+    order = np.argsort(np.concatenate(_allgather_rows(local_index)), kind="stable")
+    all_logits = np.concatenate(_allgather_rows(
+        np.concatenate(logits) if logits else empty(classes)))[order]
+    kept_order = np.argsort(np.concatenate(_allgather_rows(kept_index)), kind="stable")
+    all_kept = np.concatenate(_allgather_rows(
+        np.concatenate(kept) if kept else empty(dim)))[kept_order]
+    if progress:
+        print(f"generated samples: {merged.n}/{num_samples} images in {time.time() - t0:.0f} s "
+              f"over {world} processes", flush=True)
+    return merged, all_logits, all_kept, done
+
+
 def _as_uint8(images) -> np.ndarray:
     images = np.asarray(images)
     return images if images.dtype == np.uint8 else inception_lib.to_uint8(images)
@@ -225,7 +317,8 @@ def evaluate_samples(sample_fn: Callable[[int], np.ndarray], inception_fn, ref_s
                      num_samples: int = REPORTED_NUM_SAMPLES, *, monitoring: bool = False,
                      is_splits: int = metrics.IS_SPLITS, pr_k: int = metrics.PR_K,
                      pr_num_samples: int = 10_000, kid: bool = False, kid_subsets: int = 100,
-                     kid_subset_size: int = 1000, progress: bool = True) -> dict:
+                     kid_subset_size: int = 1000, progress: bool = True,
+                     process_index: int | None = None, process_count: int | None = None) -> dict:
     """``--mode=eval``: FID, IS and (when the reference file has features) precision/recall and
     KID of ``num_samples`` generated images, with the protocol.
 
@@ -233,6 +326,10 @@ def evaluate_samples(sample_fn: Callable[[int], np.ndarray], inception_fn, ref_s
     (float images become uint8 by EDM's rule, as saved PNGs would). ``ref_stats``: a path (EDM's
     or ours) or a dict with 'mu', 'sigma' [, 'features']. Metric names carry the count suffix for
     monitoring runs (``fid_10k``, ``is_10k``, ...); nothing is sampled before the count is checked.
+
+    With several JAX processes (``process_count``, default ``jax.process_count()``), every process
+    must call this together: process ``process_index`` calls ``sample_fn`` only for its share of
+    the batch indices (all batches but the last of one size), and all return the same metrics.
     """
     suffix = metric_suffix(num_samples, monitoring=monitoring)
     ref_path = ref_stats if isinstance(ref_stats, str) else None
@@ -260,8 +357,16 @@ def evaluate_samples(sample_fn: Callable[[int], np.ndarray], inception_fn, ref_s
             yield images
             i += 1
 
-    stats, logits, fake = _stream(batches(), inception_fn, num_samples, keep_features=keep,
-                                  progress=progress, what="generated samples")
+    rank = jax.process_index() if process_index is None else int(process_index)
+    world = jax.process_count() if process_count is None else int(process_count)
+    if world > 1:
+        stats, logits, fake, featurised = _stream_dealt(
+            sample_fn, inception_fn, num_samples, keep_features=keep, rank=rank, world=world,
+            progress=progress)
+    else:
+        stats, logits, fake = _stream(batches(), inception_fn, num_samples, keep_features=keep,
+                                      progress=progress, what="generated samples")
+        featurised = num_samples
     mu, sigma = stats.mu_sigma()
     out = {f"fid{suffix}": frechet_distance(mu, sigma, ref["mu"], ref["sigma"])}
     out[f"is{suffix}"], out[f"is{suffix}_std"] = metrics.inception_score(logits, is_splits)
@@ -275,6 +380,8 @@ def evaluate_samples(sample_fn: Callable[[int], np.ndarray], inception_fn, ref_s
         "inception_weights_sha256": weights_sha,
         "is_splits": is_splits,
         "is_logits": "unbiased (no output bias), all 1008 classes",
+        "processes": world,
+        "featurised_by_this_process": int(featurised),
     }
     if has_features:
         n_pr = min(len(fake), len(ref_features))

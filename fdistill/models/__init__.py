@@ -14,6 +14,9 @@
 - ADM (`DhariwalUNet`, EDM's ImageNet-64 network): `.model_channels`, `.channel_mult`,
   `.channel_mult_emb`, `.num_blocks`, `.attn_resolutions`, `.dropout` (`ADM_FIELDS`); the
   DDPM++/NCSN++-only fields are ignored.
+- U-Nets and ADM, speed and memory only: `.remat` (bool, recompute each residual block's
+  activations in the backward pass) and `.compute_dtype` ('float32' | 'bfloat16': bfloat16 blocks,
+  float32 parameters, optimiser state and outputs).
 - MLP: `.hidden`, `.depth`, `.embedding_type`, `.dropout`.
 - Video transformer ('video_transformer', clips of `config.data.size` / `.channels`):
   `.patch_size`, `.dim`, `.depth`, `.num_heads`, `.mlp_ratio`; `get_model` gives a
@@ -41,8 +44,9 @@ from fdistill.sde import sde_from_config
 
 UNET_FIELDS = ('model_channels', 'channel_mult', 'channel_mult_emb', 'num_blocks', 'attn_resolutions',
                'dropout', 'embedding_type', 'channel_mult_noise', 'encoder_type', 'decoder_type',
-               'resample_filter')
-ADM_FIELDS = ('model_channels', 'channel_mult', 'channel_mult_emb', 'num_blocks', 'attn_resolutions', 'dropout')
+               'resample_filter', 'remat', 'compute_dtype')
+ADM_FIELDS = ('model_channels', 'channel_mult', 'channel_mult_emb', 'num_blocks', 'attn_resolutions', 'dropout',
+              'remat', 'compute_dtype')
 
 
 def _unet_kwargs(model_config, fields=UNET_FIELDS) -> dict:

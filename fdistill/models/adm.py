@@ -22,7 +22,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fdistill.models.ddpmpp import check_unet_args
-from fdistill.models.layers import Conv2d, GroupNorm, Linear, PositionalEmbedding, UNetBlock
+from fdistill.models.layers import (Conv2d, GroupNorm, Linear, PositionalEmbedding, UNetBlock, compute_dtype_of,
+                                    run_block)
 
 CHANNELS_PER_HEAD = 64
 
@@ -42,14 +43,17 @@ class DhariwalUNet(nnx.Module):
     all-zeros null label). Dropout is active iff `key` is given. With `return_features`, also
     returns {resolution: encoder feature map at the end of that resolution}; the lowest resolution's
     entry is the bottleneck input (8x8 x 768 at the ImageNet-64 settings). `self.feature_channels`
-    gives their channel counts.
+    gives their channel counts. `remat` and `compute_dtype` as in `SongUNet`.
     """
 
     def __init__(self, img_resolution: int, in_channels: int, out_channels: int, *, label_dim: int = 0,
                  model_channels: int = 192, channel_mult: Sequence[int] = (1, 2, 3, 4),
                  channel_mult_emb: int = 4, num_blocks: int = 3,
-                 attn_resolutions: Sequence[int] = (32, 16, 8), dropout: float = 0.10, rngs: nnx.Rngs):
+                 attn_resolutions: Sequence[int] = (32, 16, 8), dropout: float = 0.10, remat: bool = False,
+                 compute_dtype: str = 'float32', rngs: nnx.Rngs):
         channel_mult, attn_resolutions = tuple(channel_mult), tuple(attn_resolutions)
+        compute_dtype_of(compute_dtype)
+        self.remat, self.compute_dtype = bool(remat), compute_dtype
         check_unet_args(img_resolution, channel_mult, attn_resolutions, num_blocks, dropout)
         self.img_resolution, self.in_channels, self.out_channels = img_resolution, in_channels, out_channels
         self.label_dim = label_dim
@@ -112,23 +116,27 @@ class DhariwalUNet(nnx.Module):
 
     def __call__(self, x, noise_labels, class_labels=None, *, key=None, return_features=False):
         self._check_input(x, noise_labels, class_labels)
-        emb = self.embed(noise_labels, class_labels)
+        dtype = compute_dtype_of(self.compute_dtype)
+        emb = self.embed(noise_labels, class_labels).astype(dtype)
+        x = x.astype(dtype)
         names = self.enc_names + self.dec_names
         keys = iter(jax.random.split(key, len(names)) if key is not None else [None] * len(names))
 
         skips, features = [], {}
         for name in self.enc_names:
             layer, k = self.enc[name], next(keys)
-            x = layer(x, emb, key=k) if isinstance(layer, UNetBlock) else layer(x)
+            x = run_block(layer, x, emb, k, remat=self.remat) if isinstance(layer, UNetBlock) else layer(x)
             skips.append(x)
             features[x.shape[1]] = x
         for name in self.dec_names:
             layer, k = self.dec[name], next(keys)
             if x.shape[-1] != layer.in_channels:
                 x = jnp.concatenate([x, skips.pop()], axis=-1)
-            x = layer(x, emb, key=k)
-        out = self.out_conv(jax.nn.silu(self.out_norm(x)))
-        return (out, features) if return_features else out
+            x = run_block(layer, x, emb, k, remat=self.remat)
+        out = self.out_conv(jax.nn.silu(self.out_norm(x))).astype(jnp.float32)
+        if return_features:
+            return out, {r: f.astype(jnp.float32) for r, f in features.items()}
+        return out
 
     def _check_input(self, x, noise_labels, class_labels):
         expect = (self.img_resolution, self.img_resolution, self.in_channels)

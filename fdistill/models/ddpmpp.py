@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fdistill.models.layers import Conv2d, GroupNorm, Linear, UNetBlock, noise_embedding
+from fdistill.models.layers import (Conv2d, GroupNorm, Linear, UNetBlock, compute_dtype_of,
+                                    noise_embedding, run_block)
 
 ENCODER_TYPES = ('standard', 'skip', 'residual')
 DECODER_TYPES = ('standard', 'skip')
@@ -36,6 +37,10 @@ class SongUNet(nnx.Module):
     all-zeros null label). Dropout is active iff `key` is given. With `return_features`, also
     returns {resolution: encoder feature map at the end of that resolution}; the lowest resolution's
     entry is the bottleneck input. `self.feature_channels` gives their channel counts.
+
+    Speed and memory (results unchanged): `remat` recomputes each residual block's activations in
+    the backward pass instead of storing them; `compute_dtype='bfloat16'` runs the blocks in
+    bfloat16 (parameters, embedding and outputs stay float32; see `layers`).
     """
 
     def __init__(self, img_resolution: int, in_channels: int, out_channels: int, *, label_dim: int = 0,
@@ -44,8 +49,11 @@ class SongUNet(nnx.Module):
                  attn_resolutions: Sequence[int] = (16,), dropout: float = 0.10,
                  embedding_type: str = 'positional', channel_mult_noise: int = 1,
                  encoder_type: str = 'standard', decoder_type: str = 'standard',
-                 resample_filter: Sequence[float] = (1, 1), rngs: nnx.Rngs):
+                 resample_filter: Sequence[float] = (1, 1), remat: bool = False,
+                 compute_dtype: str = 'float32', rngs: nnx.Rngs):
         channel_mult, attn_resolutions = tuple(channel_mult), tuple(attn_resolutions)
+        compute_dtype_of(compute_dtype)
+        self.remat, self.compute_dtype = bool(remat), compute_dtype
         check_unet_args(img_resolution, channel_mult, attn_resolutions, num_blocks, dropout, encoder_type,
                         decoder_type)
         self.img_resolution, self.in_channels, self.out_channels = img_resolution, in_channels, out_channels
@@ -122,7 +130,9 @@ class SongUNet(nnx.Module):
 
     def __call__(self, x, noise_labels, class_labels=None, *, key=None, return_features=False):
         self._check_input(x, noise_labels, class_labels)
-        emb = self.embed(noise_labels, class_labels)
+        dtype = compute_dtype_of(self.compute_dtype)
+        emb = self.embed(noise_labels, class_labels).astype(dtype)
+        x = x.astype(dtype)
         keys = iter(jax.random.split(key, len(self.enc_names) + len(self.dec_names))
                     if key is not None else [None] * (len(self.enc_names) + len(self.dec_names)))
 
@@ -136,7 +146,8 @@ class SongUNet(nnx.Module):
             elif 'aux_residual' in name:
                 x = skips[-1] = aux = (x + layer(aux)) / math.sqrt(2)
             else:
-                x = layer(x, emb, key=k) if isinstance(layer, UNetBlock) else layer(x)
+                x = (run_block(layer, x, emb, k, remat=self.remat) if isinstance(layer, UNetBlock)
+                     else layer(x))
                 skips.append(x)
             features[x.shape[1]] = x
 
@@ -153,8 +164,11 @@ class SongUNet(nnx.Module):
             else:
                 if x.shape[-1] != layer.in_channels:
                     x = jnp.concatenate([x, skips.pop()], axis=-1)
-                x = layer(x, emb, key=k)
-        return (aux, features) if return_features else aux
+                x = run_block(layer, x, emb, k, remat=self.remat)
+        aux = aux.astype(jnp.float32)
+        if return_features:
+            return aux, {r: f.astype(jnp.float32) for r, f in features.items()}
+        return aux
 
     def _check_input(self, x, noise_labels, class_labels):
         expect = (self.img_resolution, self.img_resolution, self.in_channels)

@@ -3,6 +3,10 @@
 The layers follow EDM's re-implementation of Song et al.'s architectures (Karras et al. 2022,
 `training/networks.py`) so that parameter shapes and initialisation agree with it, written for
 JAX in NHWC layout: convolution kernels are HWIO, linear kernels are [in, out].
+
+Mixed precision: parameters stay float32; every layer computes in its input's dtype (weights are
+cast at use), GroupNorm statistics and the attention softmax in float32. The networks cast their
+input and embedding to `compute_dtype` and their outputs back to float32.
 """
 from __future__ import annotations
 
@@ -15,6 +19,14 @@ import numpy as np
 from flax import nnx
 
 INIT_MODES = ('xavier_uniform', 'xavier_normal', 'kaiming_uniform', 'kaiming_normal')
+COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+def compute_dtype_of(name: str):
+    """The jnp dtype for `model.compute_dtype` ('float32' or 'bfloat16')."""
+    if name not in COMPUTE_DTYPES:
+        raise ValueError(f'Unknown compute_dtype {name!r}; valid: {", ".join(COMPUTE_DTYPES)}.')
+    return COMPUTE_DTYPES[name]
 
 
 def weight_init(key, shape, mode: str, fan_in: int, fan_out: int, scale: float = 1.) -> jax.Array:
@@ -67,8 +79,8 @@ class Linear(nnx.Module):
                              if bias else None)
 
     def __call__(self, x):
-        x = x @ self.weight[...]
-        return x if self.bias is None else x + self.bias[...]
+        x = x @ self.weight[...].astype(x.dtype)
+        return x if self.bias is None else x + self.bias[...].astype(x.dtype)
 
 
 def _resample_kernel(resample_filter: Sequence[float]) -> np.ndarray:
@@ -152,7 +164,7 @@ class Conv2d(nnx.Module):
                              if kernel and bias else None)
 
     def __call__(self, x):
-        w = None if self.weight is None else self.weight[...]
+        w = None if self.weight is None else self.weight[...].astype(x.dtype)
         w_pad = 0 if w is None else w.shape[0] // 2
         f = self.resample_filter
         f_pad = (len(f) - 1) // 2
@@ -166,7 +178,7 @@ class Conv2d(nnx.Module):
                 x = downsample(x, f)
             if w is not None:
                 x = conv2d(x, w, pad=w_pad)
-        return x if self.bias is None else x + self.bias[...]
+        return x if self.bias is None else x + self.bias[...].astype(x.dtype)
 
 
 def num_groups(num_channels: int, max_groups: int = 32, min_channels_per_group: int = 4) -> int:
@@ -182,7 +194,15 @@ def num_groups(num_channels: int, max_groups: int = 32, min_channels_per_group: 
 
 
 class GroupNorm(nnx.Module):
-    """Group normalisation with affine scale/shift (EDM: groups = min(32, C // 4))."""
+    """Group normalisation with affine scale/shift (EDM: groups = min(32, C // 4)).
+
+    y = (x - mean_g) / sqrt(var_g + eps) * weight + bias, with the mean and variance of each
+    (sample, group) over the spatial axes and the group's channels, var = E[x^2] - E[x]^2 (one pass,
+    clamped at 0). Channel sums go to groups and back through a 0/1 membership matrix [C, G] (two
+    tiny matmuls): the matmuls end XLA:CPU's loop fusions there, so each fused elementwise pass over
+    the activations applies one per-(sample, channel) scale and shift instead of re-deriving the
+    group statistics per element, and its backward does the same.
+    """
 
     def __init__(self, num_channels: int, *, groups: int | None = None, eps: float = 1e-5):
         self.num_channels = num_channels
@@ -194,19 +214,50 @@ class GroupNorm(nnx.Module):
         self.bias = nnx.Param(jnp.asarray(np.zeros((num_channels,), np.float32)))
 
     def __call__(self, x):
-        # One pass of per-channel sums of x and x^2 over the spatial axes, then per-group moments and a
-        # per-(sample, channel) scale and shift: var = E[x^2] - E[x]^2 (clamped at 0). About 2-3x faster
-        # on XLA:CPU, forward and backward, than centring inside grouped reductions.
         b, c = x.shape[0], x.shape[-1]
         axes = tuple(range(1, x.ndim - 1))
         n = math.prod(x.shape[1:-1]) * (c // self.groups)
-        mean = x.sum(axis=axes).reshape(b, self.groups, -1).sum(-1) / n
-        sq = jnp.square(x).sum(axis=axes).reshape(b, self.groups, -1).sum(-1) / n
+        member = jnp.asarray(np.repeat(np.eye(self.groups, dtype=np.float32), c // self.groups, axis=0))
+        to_groups = lambda v: jnp.dot(v, member, precision=jax.lax.Precision.HIGHEST)
+        to_channels = lambda v: jnp.dot(v, member.T, precision=jax.lax.Precision.HIGHEST)
+        xf = x.astype(jnp.float32)
+        mean = to_groups(xf.sum(axis=axes)) / n
+        sq = to_groups(jnp.square(xf).sum(axis=axes)) / n
         inv = jax.lax.rsqrt(jnp.maximum(sq - jnp.square(mean), 0.) + self.eps)
-        scale = jnp.repeat(inv, c // self.groups, axis=1) * self.weight[...]
-        shift = self.bias[...] - jnp.repeat(mean, c // self.groups, axis=1) * scale
+        scale = to_channels(inv) * self.weight[...]
+        shift = self.bias[...] - to_channels(mean) * scale
         expand = (b,) + (1,) * len(axes) + (c,)
-        return x * scale.reshape(expand) + shift.reshape(expand)
+        return (xf * scale.reshape(expand) + shift.reshape(expand)).astype(x.dtype)
+
+
+def _materialize(x):
+    """x times the identity matrix over channels: the same values (for finite x), computed by a
+    matmul, which XLA:CPU never fuses into the elementwise loops around it."""
+    eye = jnp.eye(x.shape[-1], dtype=x.dtype)
+    return jnp.dot(x, eye, precision=jax.lax.Precision.HIGHEST)
+
+
+@jax.custom_vjp
+def cotangent_barrier(x):
+    """Identity whose cotangent is materialised once on CPU.
+
+    Without it, XLA:CPU fuses the cheap elementwise backward of a residual stream (residual adds,
+    the skip scale, GroupNorm's backward) across block after block into every consumer of each
+    cotangent, including the layout copies of the weight-gradient convolutions, and recomputes
+    that chain in each: one fused loop had ~500 operations per element. Elsewhere the identity.
+    """
+    return x
+
+
+def _cotangent_barrier_fwd(x):
+    return x, None
+
+
+def _cotangent_barrier_bwd(_, g):
+    return (jax.lax.platform_dependent(g, cpu=_materialize, default=lambda v: v),)
+
+
+cotangent_barrier.defvjp(_cotangent_barrier_fwd, _cotangent_barrier_bwd)
 
 
 SONG_INIT = dict(init_mode='xavier_uniform')
@@ -261,7 +312,7 @@ class UNetBlock(nnx.Module):
             self.proj = Conv2d(out_channels, out_channels, 1, **init_zero, rngs=rngs)
 
     def __call__(self, x, emb, *, key=None):
-        orig = x
+        x = orig = cotangent_barrier(x)
         x = self.conv0(jax.nn.silu(self.norm0(x)))
         params = self.affine(emb)[:, None, None, :]
         if self.adaptive_scale:
@@ -277,16 +328,28 @@ class UNetBlock(nnx.Module):
 
     def attention(self, x):
         """Dot-product self-attention over the H*W positions. The qkv weight keeps EDM's output layout
-        (head, channel, {q, k, v}); it is permuted to contiguous [q | k | v] blocks before use."""
+        (head, channel, {q, k, v}); it is permuted to contiguous [q | k | v] blocks before use. The
+        1/sqrt(d) scale is applied to q (H*W x d) rather than to the logits (H*W x H*W), and heads
+        are a leading batch axis of 3-D matmuls (with one head, the transposes are free)."""
         b, h, w, c = x.shape
         n, d = self.num_heads, c // self.num_heads
         weight = self.qkv.weight[...].reshape(c, n, d, 3).transpose(0, 3, 1, 2).reshape(c, 3 * c)
         bias = self.qkv.bias[...].reshape(n, d, 3).transpose(2, 0, 1).reshape(3 * c)
-        qkv = (x.reshape(b, h * w, c) @ weight + bias).reshape(b, h * w, 3, n, d)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        logits = jnp.einsum('bqnd,bknd->bnqk', q, k) / math.sqrt(d)
-        a = jnp.einsum('bnqk,bknd->bqnd', jax.nn.softmax(logits, axis=-1), v)
-        return a.reshape(b, h, w, c)
+        qkv = x.reshape(b, h * w, c) @ weight.astype(x.dtype) + bias.astype(x.dtype)
+        q, k, v = (qkv[..., i * c:(i + 1) * c].reshape(b, h * w, n, d).transpose(0, 2, 1, 3)
+                   .reshape(b * n, h * w, d) for i in range(3))
+        logits = jnp.einsum('bqd,bkd->bqk', q * (1 / math.sqrt(d)), k)
+        p = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(x.dtype)
+        a = jnp.einsum('bqk,bkd->bqd', p, v)
+        return a.reshape(b, n, h * w, d).transpose(0, 2, 1, 3).reshape(b, h, w, c)
+
+
+def run_block(block: UNetBlock, x, emb, key=None, *, remat: bool = False):
+    """block(x, emb, key=key); with `remat`, its activations are recomputed in the backward pass
+    instead of stored (jax.checkpoint: less memory, one more forward of the block)."""
+    if not remat:
+        return block(x, emb, key=key)
+    return nnx.remat(lambda block, x, emb, key: block(x, emb, key=key))(block, x, emb, key)
 
 
 class Buffer(nnx.Variable):

@@ -1,0 +1,197 @@
+"""Formulations of the U-Net layers tried for XLA:CPU speed, kept as benchmark variants.
+
+Each variant is the library's current code with some layers swapped for another formulation
+(patched only while a function is traced) and/or XLA compile options. All give the same outputs
+and gradients to float tolerance; `experiments/bench_distill.py --variants ...` times them side by
+side in one process. The effect measured for each (this 2-core shared CPU, batch 16, the
+BENCHMARKS network, ratios of process CPU time to 'current' unless said otherwise) is in its
+description.
+
+'pre_change' is the code before this work: the group statistics reshaped and repeated
+elementwise, no cotangent barrier, attention through 4-D einsums with the scale on the logits.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from fdistill.models import layers
+
+
+def group_norm_elementwise(self, x):
+    """The pre-change GroupNorm: group moments by reshape + sum, back to channels by repeat."""
+    b, c = x.shape[0], x.shape[-1]
+    axes = tuple(range(1, x.ndim - 1))
+    n = math.prod(x.shape[1:-1]) * (c // self.groups)
+    mean = x.sum(axis=axes).reshape(b, self.groups, -1).sum(-1) / n
+    sq = jnp.square(x).sum(axis=axes).reshape(b, self.groups, -1).sum(-1) / n
+    inv = jax.lax.rsqrt(jnp.maximum(sq - jnp.square(mean), 0.) + self.eps)
+    scale = jnp.repeat(inv, c // self.groups, axis=1) * self.weight[...]
+    shift = self.bias[...] - jnp.repeat(mean, c // self.groups, axis=1) * scale
+    expand = (b,) + (1,) * len(axes) + (c,)
+    return x * scale.reshape(expand) + shift.reshape(expand)
+
+
+def attention_einsum4d(self, x):
+    """The pre-change attention: heads as an einsum axis, 1/sqrt(d) applied to the logits."""
+    b, h, w, c = x.shape
+    n, d = self.num_heads, c // self.num_heads
+    weight = self.qkv.weight[...].reshape(c, n, d, 3).transpose(0, 3, 1, 2).reshape(c, 3 * c)
+    bias = self.qkv.bias[...].reshape(n, d, 3).transpose(2, 0, 1).reshape(3 * c)
+    qkv = (x.reshape(b, h * w, c) @ weight + bias).reshape(b, h * w, 3, n, d)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    logits = jnp.einsum('bqnd,bknd->bnqk', q, k) / math.sqrt(d)
+    a = jnp.einsum('bnqk,bknd->bqnd', jax.nn.softmax(logits, axis=-1), v)
+    return a.reshape(b, h, w, c)
+
+
+def _backward_only(materialize: Callable) -> Callable:
+    @jax.custom_vjp
+    def barrier(x):
+        return x
+
+    barrier.defvjp(lambda x: (x, None), lambda _, g: (materialize(g),))
+    return barrier
+
+
+def _cond_copy(x):
+    """A copy through a conditional on a run-time predicate (both branches give x)."""
+    return jax.lax.cond(jnp.isnan(x.reshape(-1)[0]), lambda v: v * 1., lambda v: v, x)
+
+
+def _forward_and_backward(materialize: Callable) -> Callable:
+    @jax.custom_vjp
+    def barrier(x):
+        return materialize(x)
+
+    barrier.defvjp(lambda x: (materialize(x), None), lambda _, g: (materialize(g),))
+    return barrier
+
+
+def _conv_with_weight_gradient(weight_gradient: Callable) -> Callable:
+    """layers.conv2d with its weight gradient computed by `weight_gradient(x, dy, pad, k)`."""
+    @jax.custom_vjp
+    def conv(x, w, pad):
+        return _lax_conv(x, w, pad)
+
+    def fwd(x, w, pad):
+        return _lax_conv(x, w, pad), (x, w, pad)
+
+    def bwd(res, dy):
+        x, w, pad = res
+        _, vjp_x = jax.vjp(lambda x: _lax_conv(x, w, pad), x)
+        return vjp_x(dy)[0], weight_gradient(x, dy, pad, w.shape[0]), None
+
+    conv.defvjp(fwd, bwd)
+
+    def conv2d(x, w, *, pad):
+        if w.shape[:2] == (1, 1) and pad == 0:
+            return x @ w[0, 0]
+        return conv(x, w, pad)
+    return conv2d
+
+
+def _lax_conv(x, w, pad):
+    return jax.lax.conv_general_dilated(x, w, (1, 1), ((pad, pad), (pad, pad)),
+                                        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+def _shifted_windows(x, pad, k):
+    b, h, w, _ = x.shape
+    xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    return [xp[:, i:i + h, j:j + w, :] for i in range(k) for j in range(k)]
+
+
+def weight_gradient_shift_matmuls(x, dy, pad, k):
+    """dW[i, j] = X_shift(i, j)^T dY: one [B*H*W, C_in]^T [B*H*W, C_out] matmul per tap."""
+    c, co = x.shape[-1], dy.shape[-1]
+    d = dy.reshape(-1, co)
+    return jnp.stack([s.reshape(-1, c).T @ d for s in _shifted_windows(x, pad, k)]).reshape(k, k, c, co)
+
+
+def weight_gradient_im2col(x, dy, pad, k):
+    """dW = patches^T dY with the k*k shifted windows stacked into [B*H*W, k*k*C_in]."""
+    c, co = x.shape[-1], dy.shape[-1]
+    patches = jnp.stack(_shifted_windows(x, pad, k), axis=3).reshape(-1, k * k * c)
+    return (patches.T @ dy.reshape(-1, co)).reshape(k, k, c, co)
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    description: str
+    patches: tuple = ()                  # (object, attribute name, replacement)
+    compiler_options: dict | None = None
+
+    @contextlib.contextmanager
+    def applied(self):
+        saved = [(obj, name, getattr(obj, name)) for obj, name, _ in self.patches]
+        try:
+            for obj, name, new in self.patches:
+                setattr(obj, name, new)
+            yield
+        finally:
+            for obj, name, old in saved:
+                setattr(obj, name, old)
+
+
+_PRE_GN = (layers.GroupNorm, '__call__', group_norm_elementwise)
+_PRE_ATTN = (layers.UNetBlock, 'attention', attention_einsum4d)
+_NO_BARRIER = (layers, 'cotangent_barrier', lambda x: x)
+_YNN_OFF = {'xla_cpu_experimental_ynn_fusion_type': ''}
+
+VARIANTS = {
+    'current': Variant('the library as it is'),
+    'pre_change': Variant(
+        'GroupNorm by reshape/repeat, no cotangent barrier, 4-D einsum attention (the code before '
+        'this work). Parameter gradient 1.5-1.8x and DSM step ~1.6x the CPU time of current.',
+        (_PRE_GN, _PRE_ATTN, _NO_BARRIER)),
+    'old_groupnorm': Variant(
+        'GroupNorm by reshape/repeat: the per-group statistics are recomputed per element inside '
+        'each fused loop; parameter gradient ~1.25x.', (_PRE_GN,)),
+    'no_barrier': Variant(
+        'without the cotangent barrier: fused backward loops chain many blocks (~280 ops per '
+        'element with the matmul GroupNorm, ~500 without); parameter gradient ~1.4x.', (_NO_BARRIER,)),
+    'old_attention': Variant('4-D einsum attention, scale on the logits; attention alone ~1.3x '
+                             'forward, ~1.2x backward; ~1-2% of the step.', (_PRE_ATTN,)),
+    'barrier_cond': Variant(
+        'cotangent barrier as a copy through a run-time conditional instead of an identity matmul '
+        '(no extra FLOPs, but a data-dependent predicate); same speed as current within noise.',
+        ((layers, 'cotangent_barrier', _backward_only(_cond_copy)),)),
+    'barrier_optimization': Variant(
+        'jax.lax.optimization_barrier on the cotangent: XLA:CPU removes it before fusion, so the '
+        'program equals no_barrier.',
+        ((layers, 'cotangent_barrier', _backward_only(jax.lax.optimization_barrier)),)),
+    'groupnorm_output_barrier': Variant(
+        'also materialise every GroupNorm output in the forward pass (so the weight-gradient '
+        'layout copies stop recomputing it); no gain (1.00-1.02x).',
+        ((layers.GroupNorm, '__call__',
+          lambda self, x: _forward_and_backward(layers._materialize)(_GN_CALL(self, x))),)),
+    'ynn_off': Variant(
+        'XLA compile option xla_cpu_experimental_ynn_fusion_type="" (convolutions and matmuls '
+        'by Eigen instead of YNNPACK): weight-gradient convolutions at 32x32 2.3x faster alone, '
+        'but forward ones slower; parameter gradient 1.5x, forward 1.3x.', compiler_options=_YNN_OFF),
+    'ynn_dot_only': Variant(
+        'YNNPACK for matmuls only (convolutions by Eigen); parameter gradient 1.5x, forward 1.2x.',
+        compiler_options={'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT'}),
+    'dw_shift_matmuls': Variant(
+        'weight gradient of each 3x3 convolution as 9 shifted [BHW, Cin]^T [BHW, Cout] matmuls; '
+        'alone 1.3-2.4x slower than XLA\'s own.',
+        ((layers, 'conv2d', _conv_with_weight_gradient(weight_gradient_shift_matmuls)),)),
+    'dw_im2col': Variant(
+        'weight gradient as one im2col matmul; alone 1.8-4.4x slower than XLA\'s own (building the '
+        'patches costs more than the matmul saves).',
+        ((layers, 'conv2d', _conv_with_weight_gradient(weight_gradient_im2col)),)),
+}
+
+_GN_CALL = layers.GroupNorm.__call__
+
+
+def get_variant(name: str) -> Variant:
+    if name not in VARIANTS:
+        raise ValueError(f'Unknown variant {name!r}; valid: {", ".join(VARIANTS)}.')
+    return VARIANTS[name]
