@@ -12,7 +12,7 @@ from __future__ import annotations
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from fdistill import errors, modes, quickstart, sharding, validation
+from fdistill import compilation_cache, errors, modes, quickstart, sharding, validation
 from fdistill import workdir as workdir_lib
 
 # mode -> fn(config, workdir) -> results dict
@@ -38,6 +38,9 @@ flags.DEFINE_integer("process_id", None, "Multi-host: this process' id.")
 flags.DEFINE_integer("distributed_timeout", sharding.DEFAULT_DISTRIBUTED_TIMEOUT_S,
                      "Multi-host: seconds to wait for every process to join.")
 flags.DEFINE_bool("verbose", False, "Print the full traceback of an error.")
+flags.DEFINE_bool("compilation_cache", True,
+                  "Keep compiled programs on disk (FDISTILL_COMPILATION_CACHE: a directory, or 0 "
+                  "for off) so that a rerun or a resumed run does not compile again.")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
@@ -57,6 +60,8 @@ def run(config, workdir: str, mode: str) -> dict:
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
+    if FLAGS.compilation_cache:
+        compilation_cache.enable()
     if FLAGS.distributed or FLAGS.coordinator_address:
         errors.cli_errors(sharding.initialize_distributed, FLAGS.coordinator_address,
                           FLAGS.num_processes, FLAGS.process_id,
