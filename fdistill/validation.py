@@ -15,7 +15,7 @@ from fdistill.errors import ConfigError
 # The sections each mode of fdistill.main reads (video configs share the mode names).
 TRAIN, SAMPLE, LIKELIHOOD, DISTILL, EVAL, FID_STATS, QUICKSTART = (
     "train", "sample", "likelihood", "distill", "eval", "fid_stats", "quickstart")
-MODES = (TRAIN, SAMPLE, LIKELIHOOD, QUICKSTART, DISTILL, FID_STATS, EVAL)
+MODES = (TRAIN, SAMPLE, LIKELIHOOD, QUICKSTART, DISTILL, FID_STATS, EVAL, "import_edm")
 
 _MISSING = object()
 
@@ -146,6 +146,7 @@ _MODE_CHECKS = {
     DISTILL: (_distillation,),
     FID_STATS: (_evaluation,),
     EVAL: (_evaluation,),
+    "import_edm": (),                 # reads config.import_edm.pkl only (checked by the mode)
 }
 
 
