@@ -1,4 +1,4 @@
-"""Teacher benchmark on the BENCHMARKS.md network: EDM-preconditioned DDPM++ (SongUNet, 32x32x3,
+"""Teacher benchmark on the benchmark network (EDM DDPM++ 32 ch): EDM-preconditioned DDPM++ (SongUNet, 32x32x3,
 10 classes, 32 channels, mults (1, 2), 4 blocks, attention at 16; 1,601,091 parameters).
 
 Measures, for one batch size on this machine: compile time and median time of (a) a denoiser
@@ -6,10 +6,10 @@ forward with encoder features, (b) one EDM-loss training step (forward, x0 loss,
 norm clip, Adam), with images/s and XLA's FLOP count; and (c) each sampler's NFE, compile time
 and time per image. Prints a table.
 
-    PYTHONPATH=. python experiments/bench_teacher.py                  # batch 16, as BENCHMARKS.md
+    PYTHONPATH=. python experiments/bench_teacher.py                  # batch 16, the benchmark setting
     PYTHONPATH=. python experiments/bench_teacher.py --batch 64 --reps 5
 
-FastGen (PyTorch, same 2 cores, batch 16) takes 329 ms for the plain DSM step (BENCHMARKS.md).
+FastGen (PyTorch, same 2 cores, batch 16) takes 329 ms for the plain DSM step .
 The machine is shared: the load average is printed before and after; compare runs only at
 similar load.
 """
@@ -31,7 +31,7 @@ from fdistill.models import get_model
 
 
 def benchmark_config() -> ml_collections.ConfigDict:
-    """The BENCHMARKS.md network: EDM DDPM++ for CIFAR-10-sized, class-conditional images."""
+    """The benchmark network: EDM DDPM++ for CIFAR-10-sized, class-conditional images."""
     return ml_collections.ConfigDict(dict(
         data=dict(name='cifar10', image_size=32, num_channels=3, num_classes=10, dim=0),
         process=dict(name='edm', sigma_min=0.002, sigma_max=80., sigma_data=0.5, P_mean=-1.2,
@@ -119,7 +119,7 @@ def main():
             desc = ', '.join(f'{k}={v}' for k, v in opts.items())
             rows.append((f'sampler {name} ({desc})', nfe['n'], c, t * 1e3, cpu * 1e3, 0.))
 
-    print(f'\nDDPM++ (BENCHMARKS.md setting), {n_params:,} parameters, batch {b}, float32')
+    print(f'\nDDPM++ (benchmark setting), {n_params:,} parameters, batch {b}, float32')
     print(f'{"what":44s} {"NFE":>4s} {"compile s":>9s} {"ms/batch":>9s} {"cpu ms":>8s} {"ms/img":>7s} '
           f'{"img/s":>7s} {"GFLOP":>6s} {"GFLOP/s":>7s}')
     for what, nfe, c, ms, cpu_ms, flops in rows:
