@@ -1,4 +1,4 @@
-"""f-distill cost on the BENCHMARKS network, measured side by side in one process.
+"""f-distill cost on the benchmark network (EDM DDPM++ 32 ch), measured side by side in one process.
 
 Network: EDM-preconditioned DDPM++ (SongUNet 32x32x3, 10 classes, 32 channels, mults (1, 2),
 4 blocks, attention at 16; 1,601,091 parameters); discriminator: one head on the teacher's 16x16
@@ -305,7 +305,7 @@ def main():
             prog.time_once()
 
     setting = "smoke, NOT the" if args.smoke else "the"
-    print(f"\nDDPM++ ({setting} BENCHMARKS setting), {n_params:,} parameters, batch {args.batch}, "
+    print(f"\nDDPM++ ({setting} benchmark setting), {n_params:,} parameters, batch {args.batch}, "
           f"float32, median of {args.rounds} interleaved rounds")
     if net:
         print_table("network phases", net + (ref or []), variants + (["fastgen"] if ref else []),

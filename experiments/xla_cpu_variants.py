@@ -4,7 +4,7 @@ Each variant is the library's current code with some layers swapped for another 
 (patched only while a function is traced) and/or XLA compile options. All give the same outputs
 and gradients to float tolerance; `experiments/bench_distill.py --variants ...` times them side by
 side in one process. The effect measured for each (this 2-core shared CPU, batch 16, the
-BENCHMARKS network, ratios of process CPU time to 'current' unless said otherwise) is in its
+benchmark network (EDM DDPM++ 32 ch), ratios of process CPU time to 'current' unless said otherwise) is in its
 description.
 
 'pre_change' is the code before this work: the group statistics reshaped and repeated
