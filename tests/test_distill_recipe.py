@@ -84,7 +84,9 @@ def test_fake_score_loss_is_the_unweighted_x0_mse_by_default():
                                                               key, batch)
     lam = (SIGMA**2 + 0.25) / (SIGMA * 0.5) ** 2
     np.testing.assert_allclose(m["critic/loss_dsm"], lam * 1.25, rtol=1e-5)
-    assert distill_toy.get_config().distill.fake_score_weighting == "none"
+    from configs import distill_cifar10, distill_imagenet64
+    for cfg in (distill_cifar10, distill_imagenet64):
+        assert cfg.get_config().distill.fake_score_weighting == "none"
 
 
 def test_ratio_normalisation_bins_the_noise_level_linearly_in_sigma():

@@ -199,6 +199,9 @@ def published_record(model_type, model_kwargs, label_dim, resolution):
                                                       "sigma_data": 0.5, "_modules": {"model": model}})
 
 
+TEACHER_CONFIG = {"distill_cifar10": "configs.cifar10_edm_ddpmpp", "distill_imagenet64": "configs.imagenet64"}
+
+
 @pytest.mark.parametrize("name", ["distill_cifar10", "distill_imagenet64"])
 def test_distill_configs_rebuild_the_published_teachers(name):
     """The distill configs' teacher sections are what importing EDM's published snapshot gives
@@ -214,10 +217,16 @@ def test_distill_configs_rebuild_the_published_teachers(name):
     imported = edm_import.snapshot_config({"ema": ema, "dataset_kwargs": {"path": dataset}})
     config = importlib.import_module(f"configs.{name}").get_config()
     assert config.distill.teacher_workdir and config.import_edm.pkl.startswith("edm-")
+    assert "model" not in config and "process" not in config   # read from the teacher's workdir
+    # The teacher config file the distill config is built from describes the same network, so a
+    # teacher trained here (with the published teacher's label count) is a drop-in replacement.
+    teacher = importlib.import_module(TEACHER_CONFIG[name]).get_config()
     fields = models.ADM_FIELDS if imported.model.name == "adm" else models.UNET_FIELDS
     for field in ("name", "precond") + fields:
-        assert config.model[field] == imported.model[field], field
+        assert teacher.model[field] == imported.model[field], field
     for field in ("name", "sigma_min", "sigma_max", "sigma_data"):
-        assert config.process[field] == imported.process[field], field
-    for field in ("name", "image_size", "num_channels", "num_classes"):
-        assert config.data[field] == imported.data[field], field
+        assert teacher.process[field] == imported.process[field], field
+    for field in ("name", "image_size", "num_channels"):
+        assert teacher.data[field] == imported.data[field], field
+    assert imported.data.num_classes == {"distill_cifar10": 10, "distill_imagenet64": 1000}[name]
+    assert config.seed == teacher.seed and config.eval == teacher.eval

@@ -57,11 +57,12 @@ CASES = [
     ("distill_toy", "distill", "distill.batch_size", 0, "must be an integer >= 1"),
     ("distill_cifar10", "distill", "distill.eval_batch_size", 0, "must be an integer >= 1"),
     ("video_quick", "train", "optim.lr", math.nan, "must be finite and > 0"),
-    ("video_quick", "distill", "distill.critic_optim.lr", math.nan, "must be finite and > 0"),
+    ("video_quick", "distill", "distill.fake_score_optim.lr", math.nan, "must be finite and > 0"),
     ("video_quick", "distill", "distill.student_optim.lr", 0.0, "must be finite and > 0"),
     ("video_quick", "distill", "distill.fkl_batch_size", 0, "must be an integer >= 1"),
-    ("video_quick", "distill", "distill.critic_ratio", 0, "must be an integer >= 1"),
-    ("video_quick", "distill", "distill.num_iters", 0, "must be an integer >= 1"),
+    ("video_quick", "distill", "distill.student_update_every", 0, "must be an integer >= 2"),
+    ("video_quick", "distill", "distill.num_steps", 0, "must be an integer >= 1"),
+    ("video_quick", "distill", "distill.num_pairs", 0, "must be an integer >= 1"),
     ("video_quick", "sample", "eval.num_clips", 0, "must be an integer >= 1"),
 ]
 
@@ -90,7 +91,8 @@ def test_all_problems_reported_at_once():
 
 
 def test_a_mode_checks_only_what_it_reads():
-    config = load("distill_toy")
+    config = load("toy")                  # a teacher config with a distill section added
+    config.distill = load("distill_toy").distill
     config.optim.lr = math.nan            # the teacher's optimiser: not read by distill
     config.eval.num_samples = 0           # read by --mode=eval only
     assert validation.problems(config, "distill") == []

@@ -106,8 +106,10 @@ def test_bad_inputs_fail_with_clear_errors():
         V.empty_cache(model.net, 2, window=1, block_size=BS)
     with pytest.raises(ValueError, match="not a whole number of blocks"):
         V.empty_cache(model.net, 2, window=3, block_size=BS)
-    with pytest.raises(ValueError, match="sigma must be per frame"):
-        model(x, jnp.ones((2,)))
+    with pytest.raises(ValueError, match=r"sigma must be per clip \(2,\) or per frame \(2, 4\); got \(3,\)"):
+        model(x, jnp.ones((3,)))
+    with pytest.raises(ValueError, match="video models are unconditional"):
+        model(x, sigma, jnp.zeros((2,), jnp.int32))
     with pytest.raises(ValueError, match="expected clips"):
         model(x[:, :, :4], sigma)
     with pytest.raises(ValueError, match="needs a cache"):
