@@ -80,6 +80,16 @@ def add_distill(c, *, teacher_workdir: str = "", divergence: str = "fkl"):
     # Student EMA, moved after every iteration (critic iterations included, as the reference's
     # EMA callback), decay 0.9999 (the reference's configs also keep 0.99995 and 0.9996).
     d.ema_rate = 0.9999
+    # ODE-regression initialisation (fdistill.ode_regression): off in the reference recipe, which
+    # starts the student from the teacher's weights. When on, num_pairs teacher PF-ODE
+    # trajectories (pair_substeps Heun steps per student interval) are drawn once and the student
+    # regresses onto them for ode_init_steps steps (kept in init_workdir, '' = the workdir).
+    d.ode_init_steps = 0
+    d.num_pairs = 4096
+    d.pair_substeps = 18
+    d.init_workdir = ""
+    d.ode_init_optim = optim(1e-3, weight_decay=0.0, grad_clip=0.0)
+    d.ode_init_optim.decay_steps = 0
     # Loop.
     d.batch_size = 2048
     d.num_steps = 100_000             # the reference's CIFAR-10 iterations (the paper's text: 60k)

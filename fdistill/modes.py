@@ -33,6 +33,7 @@ from fdistill import (checkpoint, data, divergences, losses, models, monitor, sa
 from fdistill import distill as distill_lib
 from fdistill import likelihood as likelihood_lib
 from fdistill import objective as objective_lib
+from fdistill import ode_regression
 from fdistill import student as student_lib
 from fdistill import workdir as workdir_lib
 from fdistill.models import edm_import
@@ -482,6 +483,27 @@ def student_draw(config, distillation: distill_lib.Distillation, batch_size: int
     return draw
 
 
+def regression_init(config, teacher, workdir: str, mesh) -> nnx.Module:
+    """The image student after ``distill.ode_init_steps`` steps of regression onto the
+    teacher's PF-ODE (``fdistill.ode_regression``); pairs and result kept in ``workdir``."""
+    dc = config.distill
+    sigmas = student_lib.student_sigmas(teacher.process, dc.student_steps,
+                                        dc.get("student_sigmas")) + (0.0,)
+    k = int(config.data.get("num_classes", 0))
+    pairs = ode_regression.load_or_draw_pairs(
+        os.path.join(workdir, "ode_pairs.npz"),
+        lambda: ode_regression.teacher_pairs(teacher, jax.random.key(config.seed + 11),
+                                             int(dc.num_pairs), data.example_shape(config.data),
+                                             sigmas, substeps=int(dc.pair_substeps),
+                                             batch_size=min(int(dc.num_pairs), 4096),
+                                             num_classes=k))
+
+    def loss_fn(model, key, batch):
+        return ode_regression.regression_loss(model, key, batch, sigmas)
+
+    return ode_regression.initialise(teacher, pairs, loss_fn, dc, workdir, mesh, seed=config.seed)
+
+
 def distill(config, workdir: str) -> dict:
     """``--mode=distill``: distils ``config.distill.teacher_workdir``'s teacher into a student in
     ``workdir`` (``config.distill.num_steps`` iterations, resumed from ``workdir/checkpoints``),
@@ -504,6 +526,8 @@ def distill(config, workdir: str) -> dict:
         if dc.fkl_weight > 0:
             sharding.check_batch_size(dc.fkl_batch_size, mesh)
             extra_batches = video_distill.fkl_batches(pairs, dc.fkl_batch_size, seed=config.seed)
+    elif dc.get("ode_init_steps", 0) > 0:
+        student = regression_init(config, teacher, dc.get("init_workdir", "") or workdir, mesh)
     distillation = build_distillation(config, teacher, mesh, student=student)
     ds = dataset(config, dc.batch_size)
     k = int(config.data.get("num_classes", 0))

@@ -40,11 +40,14 @@ def make_optimizer(optim) -> optax.GradientTransformation:
     """Adam(W) with linear warm-up and global-norm gradient clipping.
 
     ``optim`` fields: ``lr``, ``warmup`` (steps), ``beta1``, ``beta2``, ``eps``,
-    ``weight_decay`` (0 gives Adam), ``grad_clip`` (0 disables).
+    ``weight_decay`` (0 gives Adam), ``grad_clip`` (0 disables), and optionally ``decay_steps``
+    (> 0: cosine decay from ``lr`` to 0 over that many steps after the warm-up).
     """
-    lr = optim.lr
-    if optim.get("warmup", 0):
-        lr = optax.linear_schedule(0.0, optim.lr, optim.warmup)
+    lr, warmup, decay = optim.lr, int(optim.get("warmup", 0)), int(optim.get("decay_steps", 0))
+    if decay:
+        lr = optax.warmup_cosine_decay_schedule(0.0, optim.lr, max(warmup, 1), warmup + decay)
+    elif warmup:
+        lr = optax.linear_schedule(0.0, optim.lr, warmup)
     chain = []
     if optim.get("grad_clip", 0):
         chain.append(optax.clip_by_global_norm(optim.grad_clip))
