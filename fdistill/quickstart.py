@@ -3,18 +3,21 @@
 Trains the toy teacher of ``configs/toy.py`` (a mixture of Gaussians, whose density is known),
 samples it with EDM's Heun sampler on the probability-flow ODE and with Euler-Maruyama on the
 reverse SDE, distills one-step students with reverse-KL, forward-KL and Jensen-Shannon
-(``configs/distill_toy.py``), prints a table, and writes ``results.json`` and ``quickstart.png``
-(the true density, then one panel per row of the table).
+(``configs/distill_toy.py``: all three start from one ODE-regression initialisation, shown as its
+own row), prints a table, and writes ``results.json`` and ``quickstart.png`` (the true density,
+then one panel per row of the table).
 """
 from __future__ import annotations
 
 import os
+import time
 
 import jax
 import ml_collections
 import numpy as np
 
-from fdistill import data, modes, monitor
+from fdistill import data, modes, monitor, sharding, train
+from fdistill import student as student_lib
 
 SAMPLERS = (("heun", 18), ("euler_maruyama", 100))
 STUDENTS = ("rkl", "fkl", "js")
@@ -33,17 +36,38 @@ def _title(what: str, row: dict) -> str:
     return f"{what}\n{row['nfe']} NFE\nP {row['precision']:.2f} R {row['recall']:.2f}"
 
 
-def student_config(config, teacher_dir: str, divergence: str) -> ml_collections.ConfigDict:
-    """``configs/distill_toy.py`` for the teacher in ``teacher_dir``, with the quickstart's seed."""
+def student_config(config, teacher_dir: str, divergence: str,
+                   init_dir: str = "") -> ml_collections.ConfigDict:
+    """``configs/distill_toy.py`` for the teacher in ``teacher_dir``, with the quickstart's seed
+    and the students' shared ODE-regression initialisation in ``init_dir``."""
     from configs import distill_toy
     c = distill_toy.get_config()
     c.seed = config.seed
     c.distill.teacher_workdir = teacher_dir
     c.distill.divergence = divergence
+    c.distill.init_workdir = init_dir
     return c
 
 
+def init_samples(config, teacher_dir: str, init_dir: str, n: int, key) -> np.ndarray:
+    """One-step samples of the ODE-regression initialisation in ``init_dir`` (computed there if
+    missing), before any distribution matching."""
+    resolved, teacher, _ = modes.teacher_of(student_config(config, teacher_dir, "rkl", init_dir))
+    init = modes.regression_init(resolved, teacher, init_dir, sharding.make_mesh())
+    graphdef, params, others = train.split(init)
+    sigmas = student_lib.student_sigmas(teacher.process, 1)
+
+    @jax.jit
+    def draw(p):
+        net = train.merge(graphdef, p, others)
+        return student_lib.generate(net, key, (n,) + data.example_shape(config.data),
+                                    sigmas=sigmas)
+
+    return np.asarray(draw(params))
+
+
 def run(config, workdir: str) -> dict:
+    start_wall, start_cpu = time.time(), time.process_time()
     os.makedirs(workdir, exist_ok=True)
     teacher_dir = os.path.join(workdir, "teacher")
     modes.train_teacher(config, teacher_dir)
@@ -62,9 +86,15 @@ def run(config, workdir: str) -> dict:
         rows.append({"model": f"teacher/{name}", "nfe": draw.nfe, **modes.toy_metrics(config, x)})
         panels.append(monitor.density_image(x, extent=extent))
         titles.append(_title(f"teacher, {name}", rows[-1]))
+    init_dir = os.path.join(workdir, "student_init")
+    x = init_samples(config, teacher_dir, init_dir, n, key)
+    rows.append({"model": "student/ode_init", "nfe": 1, **modes.toy_metrics(config, x)})
+    panels.append(monitor.density_image(x, extent=extent))
+    titles.append(_title("student, ODE init", rows[-1]))
     for divergence in STUDENTS:
         student_dir = os.path.join(workdir, f"student_{divergence}")
-        out = modes.distill(student_config(config, teacher_dir, divergence), student_dir)
+        out = modes.distill(student_config(config, teacher_dir, divergence, init_dir),
+                            student_dir)
         x = np.load(os.path.join(student_dir, "student_samples.npz"))["samples"][:n]
         rows.append({"model": f"student/{divergence}", "nfe": out["nfe"],
                      **modes.toy_metrics(config, x)})
@@ -72,9 +102,12 @@ def run(config, workdir: str) -> dict:
         titles.append(_title(f"student, {divergence}", rows[-1]))
     png = os.path.join(workdir, "quickstart.png")
     monitor.save_png(png, monitor.panel_row(panels, titles=titles))
-    results = {"quickstart": rows}
+    timing = {"wall_s": round(time.time() - start_wall, 1),
+              "cpu_s": round(time.process_time() - start_cpu, 1)}
+    results = {"quickstart": rows, "time": timing}
     path = monitor.write_results(workdir, results)
     if jax.process_index() == 0:
         print(_table(rows))
+        print(f"wall {timing['wall_s']} s, CPU {timing['cpu_s']} s (all cores)")
         print(f"results: {path}\nplot (truth, then each row, titled): {png}")
     return results
