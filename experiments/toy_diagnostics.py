@@ -208,6 +208,10 @@ def ess(h) -> float:
 # ------------------------------------------------------------------------------------------------
 # Diagnostics of one state.
 
+def _corr(a, b) -> float:
+    return float(np.corrcoef(a, b)[0, 1]) if np.std(a) > 0 and np.std(b) > 0 else float("nan")
+
+
 class Diagnostics:
     def __init__(self, config, distillation, mixture, *, num_samples: int = 4096,
                  num_ref: int = 8192):
@@ -266,6 +270,10 @@ class Diagnostics:
                "mode_mass": toy_eval.mode_mass(self.mixture, x).round(4).tolist()}
         norm = lambda v: np.linalg.norm(v, axis=-1)
         cos = lambda a, b: float(np.mean(np.sum(a * b, -1) / (norm(a) * norm(b) + 1e-30)))
+        obj = self.d.objective
+        lo = max(-obj.logit_clip, float(np.log(obj.r_min)))
+        hi = min(obj.logit_clip, float(np.log(obj.r_max)))
+        clip = lambda v: np.clip(v, lo, hi)
         ratio = {}
         for j, s in enumerate(DIAG_SIGMAS):
             sigma = jnp.full((self.n,), s, jnp.float32)
@@ -282,15 +290,17 @@ class Diagnostics:
                 "fake_cos": cos(est, vs_teacher),
                 "teacher_err": float(np.sqrt(np.mean(norm(teacher_err) ** 2)
                                              / np.mean(norm(true) ** 2))),
-                "corr": float(np.corrcoef(logit[ok], truth[ok])[0, 1]),
+                "corr": _corr(logit[ok], truth[ok]),
                 "rmse": float(np.sqrt(np.mean((logit[ok] - truth[ok]) ** 2))),
                 "bias": float(np.mean(logit[ok] - truth[ok])),
+                # as r enters h: both clamped to [log r_min, log r_max]
+                "rmse_clipped": float(np.sqrt(np.mean((clip(logit[ok]) - clip(truth[ok])) ** 2))),
+                "corr_clipped": _corr(clip(logit[ok]), clip(truth[ok])),
                 "true_sd": float(np.std(truth[ok])),
                 "kde_noise": float(np.sqrt(np.mean((t1[ok] - t2[ok]) ** 2) / 2)),
             }
         out["ratio"] = ratio
         # h on a batch noised as in training
-        obj = self.d.objective
         x_t, sigma = self.training_noise(k_train, jnp.asarray(x))
         logit = np.asarray(self.logits_fn(disc, teacher_params, fake, x_t, sigma)).mean(-1)
         t1, _ = self.truth_fn(x_t, sigma, ref1, ref2)
@@ -345,6 +355,8 @@ def report(step, d) -> str:
         "  modes (raw)  " + " ".join(f"{v:.3f}" for v in d["mode_mass"]),
         f"  log r vs truth   corr {per_sigma('corr', '.2f')}   rmse {per_sigma('rmse', '.2f')}"
         f"   bias {per_sigma('bias', '+.2f')}",
+        f"  clamped to [log r_min, log r_max]  corr {per_sigma('corr_clipped', '.2f')}   rmse "
+        f"{per_sigma('rmse_clipped', '.2f')}",
         f"  truth            sd {per_sigma('true_sd', '.2f')}   kde noise "
         f"{per_sigma('kde_noise', '.2f')}",
         f"  dm direction     cos {per_sigma('dm_cos', '.2f')}   |est|/|true| "
@@ -364,7 +376,8 @@ def report(step, d) -> str:
 
 LEGEND = (f"per-sigma columns at sigma = {'/'.join(str(s) for s in DIAG_SIGMAS)}. log r vs "
           "truth: the discriminator's mean logit against the true log(p_t/q_t) (exact p_t, KDE "
-          "q_t) on noised raw-student samples; truth sd: spread of the true log ratio; kde "
+          "q_t) on noised raw-student samples, raw and with both clamped as r is before it "
+          "enters h; truth sd: spread of the true log ratio; kde "
           "noise: RMS difference of two independent KDEs / sqrt 2. dm direction: x0_fake - "
           "x0_teacher against the true x0_q - x0_p. h: the student step's weights on a batch "
           "noised as in training, (in brackets) the true ratio's; ess = effective sample size "
