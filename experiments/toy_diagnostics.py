@@ -209,7 +209,9 @@ def ess(h) -> float:
 # Diagnostics of one state.
 
 def _corr(a, b) -> float:
-    return float(np.corrcoef(a, b)[0, 1]) if np.std(a) > 0 and np.std(b) > 0 else float("nan")
+    """Pearson correlation; nan when either side is constant (e.g. the truth all at a clamp)."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return float(np.corrcoef(a, b)[0, 1])
 
 
 class Diagnostics:
