@@ -30,7 +30,9 @@ this script logs, every --every iterations:
 With --ratio=oracle the student step replaces the discriminator's r by the true ratio (exact p_t,
 KDE q_t from an independent batch of --oracle_ref fresh samples of the current student, no
 gradient): what the student would do if the ratio were estimated perfectly. The critic steps are
-unchanged (the discriminator still trains and is still diagnosed).
+unchanged (the discriminator still trains and is still diagnosed). The oracle's logits are
+constants, so the GAN term of the student loss has no gradient there: compare an oracle run with
+a discriminator run at --set distill.gan_weight=0.0 (configs/distill_toy.py has 0.1).
 
 Usage (a teacher is trained with configs/toy.py into --teacher if it has no config.json; the toy
 is the teacher's; ~1 s per iteration on a busy 2-core CPU, plus ~10-30 s per diagnosis):
@@ -38,7 +40,7 @@ is the teacher's; ~1 s per iteration on a busy 2-core CPU, plus ~10-30 s per dia
     PYTHONPATH=. python experiments/toy_diagnostics.py --teacher=runs/toy --divergence=fkl \
         --set distill.num_steps=1000 --every=250
     PYTHONPATH=. python experiments/toy_diagnostics.py --teacher=runs/toy --divergence=fkl \
-        --ratio=oracle --set distill.gan_weight=0.0
+        --ratio=oracle --set distill.num_steps=1000 distill.gan_weight=0.0
 
 Each diagnosis prints one line per quantity (numbers per sigma in DIAG_SIGMAS order); the whole
 log goes to --out (default <teacher>/../toy_diag/diag_<div>_<ratio>_seed<seed>.json).
@@ -134,7 +136,8 @@ def use_oracle_ratio(distillation, mixture, num_ref: int = 4096):
     No library hook is needed: the objective calls `teacher(x_t, sigma, labels,
     return_features=True)` and `discriminator(features)`, so the teacher is wrapped to hand
     (x_t, sigma) over as its "features". Needs `feature_source='teacher'` and no guidance. The
-    rest of the step is `Distillation._student_step`'s (optimiser, EMA, finite-value guard).
+    rest of the step is `Distillation._student_step`'s (optimiser, EMA, finite-value guard). The
+    GAN term sees constant logits, hence contributes no gradient.
     """
     obj = distillation.objective
     if obj.feature_source != "teacher" or obj.guidance_scale != 1.0:
