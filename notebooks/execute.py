@@ -6,17 +6,42 @@ Runs each notebook headless (nbclient, the ``python3`` kernel) from ``notebooks/
 checkout's root first on ``PYTHONPATH``, so the outputs come from this checkout's library even
 when another copy of fdistill is installed; figures are stored as PNG (inline backend, the
 notebook sets a modest DPI). Environment variables set by the caller (``FDISTILL_NOTEBOOK_FAST``
-and the like) reach the notebook.
+and the like) reach the notebook. The C++ runtimes' start-up log lines on stderr (TensorFlow's
+oneDNN notice, absl's "log messages before InitializeLog") are dropped from the stored outputs;
+everything the notebook prints stays.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+
+
+# glog/absl lines ("I0000 00:00:... port.cc:153] ...") and absl's pre-initialisation warning.
+_RUNTIME_LOG = re.compile(r"^([IWEF]\d{4} \d\d:\d\d:[\d.]+ +\d+ [\w.]+:\d+\] |"
+                          r"WARNING: All log messages before absl::InitializeLog\(\))")
+
+
+def drop_runtime_logs(nb) -> None:
+    """Removes the C++ runtimes' log lines from the notebook's stderr outputs (in place)."""
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        kept = []
+        for out in cell.get("outputs", []):
+            if out.get("output_type") == "stream" and out.get("name") == "stderr":
+                lines = [l for l in out["text"].splitlines(keepends=True)
+                         if not _RUNTIME_LOG.match(l)]
+                if not "".join(lines).strip():
+                    continue
+                out["text"] = "".join(lines)
+            kept.append(out)
+        cell["outputs"] = kept
 
 
 def execute(name: str, timeout: int = 3600, *, write: bool = True):
@@ -28,6 +53,7 @@ def execute(name: str, timeout: int = 3600, *, write: bool = True):
     nb = nbformat.read(path, as_version=4)
     NotebookClient(nb, timeout=timeout, kernel_name="python3",
                    resources={"metadata": {"path": HERE}}).execute()
+    drop_runtime_logs(nb)
     if write:
         nbformat.write(nb, path)
     return nb
