@@ -6,7 +6,8 @@ fork, a new home), run
     python notebooks/set_repository_url.py            # rewrite the notebooks and README.md
     python notebooks/set_repository_url.py --check    # exit 1 if anything disagrees (tested)
 
-The install cell of each notebook pip-installs ``git+<url>`` when fdistill is not importable, and
+Every other mention of the previous address in README.md and the notebooks follows too. The
+install cell of each notebook pip-installs ``git+<url>`` when fdistill is not importable, and
 each badge opens ``https://colab.research.google.com/github/<owner>/<name>/blob/<branch>/notebooks/
 <notebook>`` (``--branch``, default ``main``).
 """
@@ -39,21 +40,39 @@ def _files() -> list[str]:
                                                                              "*.ipynb")))
 
 
-def rewrite(text: str, url: str, slug: str, branch: str) -> str:
+def current_urls() -> set[str]:
+    """The addresses the notebooks' install cells and the README's badges use now."""
+    found = set()
+    for path in _files():
+        with open(path) as f:
+            text = f.read()
+        found |= {m.group(2) for m in _INSTALL.finditer(text)}
+        found |= {f"https://github.com/{m.group(2)}" for m in _BADGE.finditer(text)}
+    return found
+
+
+def rewrite(text: str, url: str, slug: str, branch: str, previous=()) -> str:
+    """``text`` with its install cells, Colab badges and any other mention of a ``previous``
+    address pointing at ``url`` (``https://github.com/<slug>``) and ``branch``."""
     text = _INSTALL.sub(lambda m: m.group(1) + url + m.group(3), text)
-    return _BADGE.sub(lambda m: f"{m.group(1)}{slug}/blob/{branch}/{m.group(4)}", text)
+    text = _BADGE.sub(lambda m: f"{m.group(1)}{slug}/blob/{branch}/{m.group(4)}", text)
+    for old in previous:
+        if old != url:
+            text = re.sub(re.escape(old) + r"(?![\w.-])", url, text)
+    return text
 
 
 def disagreements(branch: str = "main") -> list[str]:
     """Files whose install cell or badges do not follow setup.py, and notebooks without a badge
     or an install cell."""
     url, slug = repository_url()
+    previous = current_urls()
     bad = []
     readme = open(os.path.join(ROOT, "README.md")).read()
     for path in _files():
         with open(path) as f:
             text = f.read()
-        if rewrite(text, url, slug, branch) != text:
+        if rewrite(text, url, slug, branch, previous) != text:
             bad.append(f"{os.path.relpath(path, ROOT)} does not use {url}")
         if path.endswith(".ipynb"):
             name = os.path.relpath(path, ROOT)
@@ -75,10 +94,11 @@ def main(argv=None) -> int:
         print("\n".join(bad) or f"every notebook and badge uses {repository_url()[0]}")
         return 1 if bad else 0
     url, slug = repository_url()
+    previous = current_urls()
     for path in _files():
         with open(path) as f:
             text = f.read()
-        new = rewrite(text, url, slug, args.branch)
+        new = rewrite(text, url, slug, args.branch, previous)
         if new != text:
             with open(path, "w") as f:
                 f.write(new)

@@ -44,8 +44,9 @@ def test_install_cells_and_badges_follow_setup_url():
     url, slug = urls.repository_url()
     assert url == f"https://github.com/{slug}"
     readme = open(os.path.join(ROOT, "README.md")).read()
-    moved = urls.rewrite(readme, "https://github.com/someone/fork", "someone/fork", "dev")
-    assert f"colab.research.google.com/github/{slug}/" not in moved
+    assert urls.current_urls() == {url}
+    moved = urls.rewrite(readme, "https://github.com/someone/fork", "someone/fork", "dev", {url})
+    assert url not in moved and "published at `https://github.com/someone/fork`" in moved
     assert ("colab.research.google.com/github/someone/fork/blob/dev/notebooks/"
             "divergence_weightings.ipynb") in moved
     for name in ("divergence_weightings.ipynb", "video_hiar.ipynb"):
