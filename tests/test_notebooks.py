@@ -11,11 +11,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = os.path.join(ROOT, "notebooks")
 
 
-def _execute(name: str, timeout: int = 900):
+def _execute(name: str, monkeypatch, timeout: int = 900):
     """Runs the notebook from ``notebooks/`` on this checkout's library (its root first on the
     kernel's PYTHONPATH), so its install cell finds fdistill and does nothing."""
-    os.environ["PYTHONPATH"] = os.pathsep.join(
-        [ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+        [ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
     path = os.path.join(NOTEBOOKS, name)
     nb = nbformat.read(path, as_version=4)
     client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
@@ -62,9 +62,8 @@ def test_divergence_weightings_notebook(monkeypatch):
     """The divergence notebook: h(r) table, autodiff agreement, Fig. 4a variances, and a live toy
     distillation per divergence whose students cover the ring's modes."""
     monkeypatch.setenv("FDISTILL_NOTEBOOK_FAST", "1")
-    monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))   # restored afterwards
     monkeypatch.setenv("MPLBACKEND", "Agg")
-    nb = _execute("divergence_weightings.ipynb")
+    nb = _execute("divergence_weightings.ipynb", monkeypatch)
     text = _text(nb)
     assert "installing" not in text                 # the install cell found the checkout's fdistill
     assert "max relative difference" in text
@@ -85,10 +84,9 @@ def test_video_hiar_notebook(monkeypatch, tmp_path):
     """The video notebook in its smoke setting: teacher, the HiAR student distilled and rolled
     out to 4x the training length, the motion/drift table, a GIF."""
     monkeypatch.setenv("FDISTILL_NOTEBOOK_QUICK", "1")
-    monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))   # restored afterwards
     monkeypatch.setenv("FDISTILL_NOTEBOOK_WORKDIR", str(tmp_path))
     monkeypatch.setenv("MPLBACKEND", "Agg")
-    nb = _execute("video_hiar.ipynb")
+    nb = _execute("video_hiar.ipynb", monkeypatch)
     text = _text(nb)
     from configs.video import VARIANTS
     shown = ["hiar"]
