@@ -1,7 +1,6 @@
 """Sample grids in TensorBoard: written during training, read back from the event file."""
 import glob
 import io
-import os
 
 import jax
 import numpy as np
