@@ -24,6 +24,9 @@ setup(
     name="fdistill",
     version="0.1.0",
     description="One-step diffusion distillation by f-divergence distribution matching (JAX/Flax NNX).",
+    # The one place the repository's address is written: the notebooks' install cells and the
+    # README's Colab badges follow it (python notebooks/set_repository_url.py).
+    url="https://github.com/fdistill/fdistill",
     packages=find_packages(include=["fdistill", "fdistill.*", "configs"]),
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,

@@ -24,6 +24,7 @@ def get_config():
     d.num_steps = 3000
     d.ema_rate = 0.998              # per iteration: ~0.99 per student update
     d.log_every = 250
+    d.preview_every = 500           # the EMA student's sample grid in TensorBoard (base: 5000 > num_steps)
     d.ckpt_every = 1000
     d.num_eval_samples = 512
     d.eval_batch_size = 256

@@ -7,9 +7,16 @@ metrics (fdistill.evaluation.classifier): the Frechet distance in the features o
 classifier trained by the project (fd_digits; NOT FID, not comparable with published numbers) and
 the classifier's accuracy on class-conditional samples (the same random labels for every model).
 A second draw of real digits gives the floor of each metric. Prints a table and writes
-<workdir>/digits_fdistill.json and one PNG grid per model.
+<workdir>/digits_fdistill.json, one PNG grid per teacher sampler, and the table's two figures:
+digits_samples.png (titled panels of samples: real digits, each teacher sampler with its NFE,
+each student, with their fd_digits and accuracy; the same class labels in every model panel)
+and digits_fd_nfe.png (fd_digits against NFE, the teacher's samplers as lines, the one-step
+students as points, the real-digits floor as a dashed line; needs matplotlib, pinned in the
+[notebooks] and [test] extras). --figures_dir also writes both there (the README's are in
+docs/figures).
 
-    PYTHONPATH=. python experiments/digits_fdistill.py --workdir=runs/digits_fdistill
+    PYTHONPATH=. python experiments/digits_fdistill.py --workdir=runs/digits_fdistill \
+        --figures_dir=docs/figures
     PYTHONPATH=. python experiments/digits_fdistill.py --teacher_steps=1000 --distill_steps=500 \
         --divergences=rkl,fkl                                             # a quick look
 """
@@ -23,7 +30,7 @@ import jax
 import numpy as np
 
 from configs import digits, distill_digits
-from fdistill import data, modes
+from fdistill import data, modes, monitor
 from fdistill import main as cli
 from fdistill.evaluation import classifier, inception
 
@@ -50,6 +57,79 @@ def score(clf, x, labels, real) -> dict:
     return {"fd_digits": m["fd_digits"], "accuracy_digits": m["accuracy_digits"]}
 
 
+def _metrics_line(row: dict) -> str:
+    return f"FD {row['fd_digits']:.1f} acc {row['accuracy_digits']:.2f}"
+
+
+def samples_figure(panels: list[tuple[dict, np.ndarray]], *, per_panel: int = 36,
+                   scale: int = 3, ncols: int = 5) -> np.ndarray:
+    """One titled panel per table row: the first ``per_panel`` samples (NHWC in [-1, 1]) as a
+    grid enlarged ``scale`` times, titled with the row's model, NFE and metrics."""
+    images, titles = [], []
+    for row, x in panels:
+        grid = monitor.image_grid(np.asarray(x)[:per_panel],
+                                  ncols=int(np.ceil(np.sqrt(per_panel))))
+        images.append(monitor.enlarge(grid, scale))
+        if row["kind"] == "data":
+            titles.append(f"real digits\n(another draw)\n{_metrics_line(row)}")
+        else:
+            what = f"teacher, {row['sampler']}" if row["kind"] == "teacher" else \
+                f"student, {row['model']}"
+            titles.append(f"{what}\n{row['nfe']} NFE\n{_metrics_line(row)}")
+    return monitor.panel_grid(images, titles=titles, ncols=ncols)
+
+
+def fd_nfe_plot(rows: list[dict], path: str) -> str:
+    """fd_digits against NFE (both logarithmic): the teacher's samplers as lines, the one-step
+    students as points, the real-digits floor as a dashed line; a PNG at 100 dpi."""
+    from matplotlib.figure import Figure   # no pyplot: no display backend needed
+    fig = Figure(figsize=(6.0, 4.0), dpi=100)
+    ax = fig.add_subplot()
+    for sampler in dict.fromkeys(r["sampler"] for r in rows if r["kind"] == "teacher"):
+        pts = sorted((r["nfe"], r["fd_digits"]) for r in rows
+                     if r["kind"] == "teacher" and r["sampler"] == sampler)
+        ax.plot(*zip(*pts), marker="o", label=f"teacher, {sampler}")
+    for r, marker in zip([r for r in rows if r["kind"] == "student"], "s^vD<>ph*"):
+        ax.plot([r["nfe"]], [r["fd_digits"]], marker=marker, linestyle="none", markersize=8,
+                label=f"student, {r['model']} ({r['nfe']} NFE)")
+    for r in rows:
+        if r["kind"] == "data":
+            ax.axhline(r["fd_digits"], color="k", linestyle="--", linewidth=1,
+                       label="real digits (another draw)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("network evaluations per sample (NFE)")
+    ax.set_ylabel("fd_digits (in-domain, not FID)")
+    ax.set_title("8x8 digits: teacher samplers and one-step students", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    return path
+
+
+def write_figures(rows: list[dict], panels: list[tuple[dict, np.ndarray]],
+                  dirs: list[str]) -> list[str]:
+    """digits_samples.png and digits_fd_nfe.png into each of ``dirs``; the plot is skipped,
+    with a message, where matplotlib is not installed."""
+    grid = samples_figure(panels)
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        matplotlib = None
+        print("digits_fd_nfe.png skipped: matplotlib is not installed "
+              "(pip install -e '.[notebooks]')")
+    written = []
+    for d in dirs:
+        os.makedirs(d, exist_ok=True)
+        path = os.path.join(d, "digits_samples.png")
+        monitor.save_png(path, grid)
+        written.append(path)
+        if matplotlib is not None:
+            written.append(fd_nfe_plot(rows, os.path.join(d, "digits_fd_nfe.png")))
+    return written
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -58,6 +138,8 @@ def main():
     p.add_argument("--teacher_steps", type=int, default=4000)
     p.add_argument("--distill_steps", type=int, default=3000)
     p.add_argument("--num_samples", type=int, default=512)
+    p.add_argument("--figures_dir", default="",
+                   help="also write the two figures here (e.g. docs/figures)")
     args = p.parse_args()
 
     tc = digits.get_config()
@@ -71,15 +153,17 @@ def main():
     real = data.get_dataset(tc.data, global_batch_size=n, seed=123).batch(0)["x"]
 
     other = data.get_dataset(tc.data, global_batch_size=n, seed=456).batch(0)
-    rows = [{"model": "real digits (another draw)", "nfe": 0,
+    rows = [{"model": "real digits (another draw)", "kind": "data", "nfe": 0,
              **score(clf, other["x"], np.asarray(other["label"]), real)}]
+    panels = [(rows[-1], other["x"])]
     model, _ = modes.load_teacher(tc, teacher_dir)
     for sampler, steps in TEACHER_SAMPLERS:
         draw, params = modes.teacher_sampler(tc, model, n, sampler_name=sampler, num_steps=steps)
         x, labels = draw_with_labels(draw, params, tc, n, n, jax.random.key(1))
         modes.save_samples(tc, args.workdir, x, f"teacher_{sampler}_{draw.nfe}")
-        rows.append({"model": f"teacher ({sampler}, {steps} steps)", "nfe": draw.nfe,
-                     **score(clf, x, labels, real)})
+        rows.append({"model": f"teacher ({sampler}, {steps} steps)", "kind": "teacher",
+                     "sampler": sampler, "nfe": draw.nfe, **score(clf, x, labels, real)})
+        panels.append((rows[-1], x))
     for name in args.divergences.split(","):
         c = distill_digits.get_config()
         c.distill.teacher_workdir = teacher_dir
@@ -95,13 +179,18 @@ def main():
         bs = min(n, 256)
         x, labels = draw_with_labels(modes.student_draw(run_config, distillation, bs),
                                      state["student_ema"], run_config, n, bs, jax.random.key(1))
-        rows.append({"model": name, "nfe": r["nfe"], **score(clf, x, labels, real)})
+        rows.append({"model": name, "kind": "student", "nfe": r["nfe"],
+                     **score(clf, x, labels, real)})
+        panels.append((rows[-1], x))
 
     with open(os.path.join(args.workdir, "digits_fdistill.json"), "w") as f:
         json.dump(rows, f, indent=2)
     print("| model | nfe | fd_digits (in-domain, not FID) | class accuracy |\n|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {r['nfe']} | {r['fd_digits']:.3f} | {r['accuracy_digits']:.3f} |")
+    dirs = [args.workdir] + ([args.figures_dir] if args.figures_dir else [])
+    for path in write_figures(rows, panels, dirs):
+        print(f"figure: {path}")
 
 
 if __name__ == "__main__":

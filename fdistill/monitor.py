@@ -73,14 +73,23 @@ def video_strip(clips: np.ndarray, *, max_clips: int = 4) -> np.ndarray:
     return image_grid(clips.reshape(b * t, *clips.shape[2:]), ncols=t)
 
 
-def sample_picture(x: np.ndarray, *, kind: str, extent: float = 3.0) -> np.ndarray:
+def sample_picture(x: np.ndarray, *, kind: str, extent: float = 3.0,
+                   min_size: int = 128) -> np.ndarray:
     """What a sample batch looks like as one uint8 image: a density plot of 2-D points
-    (``kind='toy'``), a strip of frames per clip (``'video'``) or an image grid."""
+    (``kind='toy'``), a strip of frames per clip (``'video'``) or an image grid; grids of small
+    images are enlarged (nearest neighbour, whole pixels) to at least ``min_size`` on their
+    short side, so 8x8 digits or 16x16 frames are visible at TensorBoard's actual size."""
     if kind == "toy":
         return density_image(x, extent=extent)[..., None]
-    if kind == "video":
-        return video_strip(x)
-    return image_grid(np.asarray(x)[:64])
+    picture = video_strip(x) if kind == "video" else image_grid(np.asarray(x)[:64])
+    return enlarge(picture, -(-min_size // min(picture.shape[:2])))
+
+
+def enlarge(image: np.ndarray, scale: int) -> np.ndarray:
+    """Nearest-neighbour enlargement of an HxW or HxWxC image by a whole factor."""
+    if scale <= 1:
+        return np.asarray(image)
+    return np.repeat(np.repeat(np.asarray(image), scale, axis=0), scale, axis=1)
 
 
 def save_png(path: str, image: np.ndarray, *, scale: int = 1) -> None:
@@ -107,30 +116,73 @@ def density_image(points: np.ndarray, *, extent: float, size: int = 160) -> np.n
 
 def panel_row(images: list[np.ndarray], *, gap: int = 4,
               titles: list[str] | None = None) -> np.ndarray:
-    """Concatenates same-height grey images side by side with white gaps; with ``titles``, each
-    panel gets its title (one or more lines, PIL's built-in font) above it."""
+    """Concatenates uint8 images side by side with white gaps, aligned at the top; with
+    ``titles``, each panel gets its title (one to three lines, PIL's built-in font) in a white
+    band above it. Grey panels (HxW or HxWx1) give an HxW row; if any panel is RGB, an HxWx3
+    row (grey panels repeated over the channels)."""
+    if titles is not None and len(titles) != len(images):
+        raise ValueError(f"{len(titles)} titles for {len(images)} panels")
+    images = _common_channels(images)
     if titles is not None:
-        if len(titles) != len(images):
-            raise ValueError(f"{len(titles)} titles for {len(images)} panels")
         images = [_titled(img, title) for img, title in zip(images, titles)]
     h = max(img.shape[0] for img in images)
-    images = [np.pad(img, ((0, h - img.shape[0]), (0, 0)), constant_values=255) for img in images]
-    sep = np.full((h, gap), 255, np.uint8)
+    pad = [(0, 0)] * (images[0].ndim - 2)
+    images = [np.pad(img, [(0, h - img.shape[0]), (0, 0)] + pad, constant_values=255)
+              for img in images]
+    sep = np.full((h, gap) + images[0].shape[2:], 255, np.uint8)
     parts = []
     for img in images:
         parts += [img, sep]
     return np.concatenate(parts[:-1], axis=1)
 
 
+def panel_grid(images: list[np.ndarray], *, titles: list[str] | None = None, ncols: int = 6,
+               gap: int = 4) -> np.ndarray:
+    """``panel_row`` of ``ncols`` panels at a time, rows stacked with white gaps (and padded to
+    the widest row on the right)."""
+    if titles is not None and len(titles) != len(images):
+        raise ValueError(f"{len(titles)} titles for {len(images)} panels")
+    images = _common_channels(images)
+    rows = [panel_row(images[i:i + ncols], gap=gap,
+                      titles=None if titles is None else titles[i:i + ncols])
+            for i in range(0, len(images), ncols)]
+    w = max(r.shape[1] for r in rows)
+    pad = [(0, 0)] * (rows[0].ndim - 2)
+    rows = [np.pad(r, [(0, 0), (0, w - r.shape[1])] + pad, constant_values=255) for r in rows]
+    sep = np.full((gap, w) + rows[0].shape[2:], 255, np.uint8)
+    parts = []
+    for r in rows:
+        parts += [r, sep]
+    return np.concatenate(parts[:-1], axis=0)
+
+
+def _common_channels(images: list[np.ndarray]) -> list[np.ndarray]:
+    """uint8 HxW panels, or all HxWx3 when any panel is RGB."""
+    out = []
+    for img in images:
+        img = np.asarray(img, np.uint8)
+        if img.ndim == 3 and img.shape[-1] == 1:
+            img = img[..., 0]
+        if img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[-1] != 3):
+            raise ValueError(f"a panel must be HxW, HxWx1 or HxWx3, not {img.shape}")
+        out.append(img)
+    if any(img.ndim == 3 for img in out):
+        out = [img if img.ndim == 3 else np.repeat(img[..., None], 3, axis=-1) for img in out]
+    return out
+
+
 def _titled(image: np.ndarray, title: str, *, line_height: int = 11,
             max_lines: int = 3) -> np.ndarray:
-    """A grey image with ``title`` (lines split on newlines) written in a white band above it."""
+    """An HxW or HxWx3 uint8 image with ``title`` (lines split on newlines, at most
+    ``max_lines``) written in black in a white band above it."""
     from PIL import ImageDraw
     lines = title.split("\n")[:max_lines]
-    band = Image.new("L", (image.shape[1], line_height * max_lines + 4), 255)
+    rgb = image.ndim == 3
+    band = Image.new("RGB" if rgb else "L", (image.shape[1], line_height * max_lines + 4),
+                     (255, 255, 255) if rgb else 255)
     draw = ImageDraw.Draw(band)
     for i, line in enumerate(lines):
-        draw.text((2, 2 + i * line_height), line, fill=0)
+        draw.text((2, 2 + i * line_height), line, fill=(0, 0, 0) if rgb else 0)
     return np.concatenate([np.asarray(band, np.uint8), np.asarray(image, np.uint8)], axis=0)
 
 

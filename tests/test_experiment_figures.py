@@ -1,0 +1,57 @@
+"""The figures the experiments write next to their tables (README Results), on given rows."""
+import importlib.util
+import os
+
+import numpy as np
+from PIL import Image
+
+from fdistill import monitor
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _experiment(name: str):
+    spec = importlib.util.spec_from_file_location(
+        name, os.path.join(ROOT, "experiments", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _digits_rows():
+    rows = [{"model": "real digits (another draw)", "kind": "data", "nfe": 0}]
+    rows += [{"model": f"teacher (heun, {s} steps)", "kind": "teacher", "sampler": "heun",
+              "nfe": 2 * s - 1} for s in (18, 9, 5, 3)]
+    rows += [{"model": "teacher (euler_maruyama, 100 steps)", "kind": "teacher",
+              "sampler": "euler_maruyama", "nfe": 100}]
+    rows += [{"model": name, "kind": "student", "nfe": 1} for name in ("rkl", "fkl", "js")]
+    fds = [7.8, 7.4, 9.1, 25.0, 179.8, 7.5, 16.5, 16.4, 16.5]
+    for row, fd in zip(rows, fds):
+        row.update(fd_digits=fd, accuracy_digits=0.95)
+    return rows
+
+
+def test_digits_figures_titled_samples_and_fd_against_nfe(tmp_path):
+    """digits_fdistill.py writes a grid of titled sample panels (one per table row, images
+    enlarged 3x and untouched below their titles) and the fd_digits-against-NFE plot."""
+    digits = _experiment("digits_fdistill")
+    rows = _digits_rows()
+    rng = np.random.default_rng(0)
+    panels = [(row, rng.uniform(-1, 1, (40, 8, 8, 1)).astype(np.float32)) for row in rows]
+    paths = digits.write_figures(rows, panels, [str(tmp_path / "a"), str(tmp_path / "b")])
+    assert sorted(os.path.relpath(p, tmp_path) for p in paths) == [
+        "a/digits_fd_nfe.png", "a/digits_samples.png", "b/digits_fd_nfe.png",
+        "b/digits_samples.png"]
+    grid = np.asarray(Image.open(tmp_path / "a" / "digits_samples.png"))
+    np.testing.assert_array_equal(grid, digits.samples_figure(panels))
+    first = monitor.enlarge(monitor.image_grid(panels[0][1][:36], ncols=6), 3)
+    plain = monitor.panel_row([first])
+    titled = monitor.panel_row([first], titles=["real digits\n(another draw)\nFD 7.8 acc 0.95"])
+    band = titled.shape[0] - plain.shape[0]
+    np.testing.assert_array_equal(grid[:titled.shape[0], :titled.shape[1]], titled)
+    np.testing.assert_array_equal(grid[band:band + first.shape[0], :first.shape[1]],
+                                  first[..., 0])
+    assert grid.shape[1] == 5 * first.shape[1] + 4 * 4          # 5 panels a row, 4 px gaps
+    plot = Image.open(tmp_path / "a" / "digits_fd_nfe.png")
+    assert plot.size == (600, 400)
+    assert np.asarray(plot.convert("L")).std() > 10            # not blank
