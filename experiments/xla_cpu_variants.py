@@ -199,6 +199,20 @@ VARIANTS = {
     'ynn_dot_only': Variant(
         'YNNPACK for matmuls only (convolutions by Eigen); parameter gradient 1.5x, forward 1.2x.',
         compiler_options={'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT'}),
+    'ynn_eltwise': Variant(
+        'YNNPACK also for elementwise fusions (xla_cpu_experimental_ynn_fusion_type adds '
+        'LIBRARY_FUSION_TYPE_ELTWISE).', compiler_options={'xla_cpu_experimental_ynn_fusion_type': (
+            'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION,'
+            'LIBRARY_FUSION_TYPE_ELTWISE')}),
+    'ynn_dot_fusion': Variant(
+        'YNNPACK matmuls fused with their elementwise neighbours (LIBRARY_FUSION_TYPE_DOT).',
+        compiler_options={'xla_cpu_experimental_ynn_fusion_type': (
+            'LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION')}),
+    'concurrency_scheduler': Variant(
+        'xla_cpu_enable_concurrency_optimized_scheduler (orders independent operations to run '
+        'concurrently).', compiler_options={'xla_cpu_enable_concurrency_optimized_scheduler': True}),
+    'vector_width_512': Variant('xla_cpu_prefer_vector_width=512 (AVX-512 loops).',
+                                compiler_options={'xla_cpu_prefer_vector_width': 512}),
     'dw_shift_matmuls': Variant(
         'weight gradient of each 3x3 convolution as 9 shifted [BHW, Cin]^T [BHW, Cout] matmuls; '
         'alone 1.3-2.4x slower than XLA\'s own.',
