@@ -222,8 +222,8 @@ class GroupNorm(nnx.Module):
         to_groups = lambda v: jnp.dot(v, member, precision=jax.lax.Precision.HIGHEST)
         to_channels = lambda v: jnp.dot(v, member.T, precision=jax.lax.Precision.HIGHEST)
         xf = x.astype(jnp.float32)
-        mean, sq = jnp.split(to_groups(jnp.concatenate([xf.sum(axis=axes), jnp.square(xf).sum(axis=axes)]))
-                             / n, 2)
+        sums = jnp.concatenate([xf.sum(axis=axes), jnp.square(xf).sum(axis=axes)])   # [2B, C]
+        mean, sq = jnp.split(to_groups(sums) / n, 2)
         inv = jax.lax.rsqrt(jnp.maximum(sq - jnp.square(mean), 0.) + self.eps)
         inv_c, mean_c = jnp.split(to_channels(jnp.concatenate([inv, mean])), 2)
         scale = inv_c * self.weight[...]
