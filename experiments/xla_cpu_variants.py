@@ -114,6 +114,40 @@ def _conv_with_weight_gradient(weight_gradient: Callable) -> Callable:
     return conv2d
 
 
+def _forward_only(materialize: Callable) -> Callable:
+    """Identity whose forward value is `materialize(x)` and whose cotangent passes unchanged."""
+    @jax.custom_vjp
+    def barrier(x):
+        return materialize(x)
+
+    barrier.defvjp(lambda x: (materialize(x), None), lambda _, g: (g,))
+    return barrier
+
+
+def _conv_input_held(hold: Callable) -> Callable:
+    """layers.conv2d with each 3x3 convolution's input passed through `hold` in the forward pass
+    (the GroupNorm + SiLU output that feeds it): held as its own buffer, the weight-gradient
+    layout copies would read it instead of recomputing it from the pre-norm activations."""
+    base = layers.conv2d
+
+    def conv2d(x, w, *, pad):
+        if w.shape[:2] != (1, 1):
+            x = hold(x)
+        return base(x, w, pad=pad)
+    return conv2d
+
+
+def conv2d_nchw(x, w, *, pad):
+    """layers.conv2d through NCHW / OIHW dimension numbers (explicit transposes around it, for XLA's
+    layout assignment to absorb)."""
+    if w.shape[:2] == (1, 1) and pad == 0:
+        return x @ w[0, 0]
+    y = jax.lax.conv_general_dilated(x.transpose(0, 3, 1, 2), w.transpose(3, 2, 0, 1), (1, 1),
+                                     ((pad, pad), (pad, pad)),
+                                     dimension_numbers=('NCHW', 'OIHW', 'NCHW'))
+    return y.transpose(0, 2, 3, 1)
+
+
 def _lax_conv(x, w, pad):
     return jax.lax.conv_general_dilated(x, w, (1, 1), ((pad, pad), (pad, pad)),
                                         dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
@@ -213,6 +247,34 @@ VARIANTS = {
         'concurrently).', compiler_options={'xla_cpu_enable_concurrency_optimized_scheduler': True}),
     'vector_width_512': Variant('xla_cpu_prefer_vector_width=512 (AVX-512 loops).',
                                 compiler_options={'xla_cpu_prefer_vector_width': 512}),
+    'conv_input_cond': Variant(
+        'each 3x3 convolution\'s input (the GroupNorm + SiLU output) held in the forward pass as a '
+        'copy through a run-time conditional (no extra FLOPs), so the weight-gradient layout copies '
+        'read it instead of recomputing it.',
+        ((layers, 'conv2d', _conv_input_held(_forward_only(_cond_copy))),)),
+    'conv_input_opt_barrier': Variant(
+        'each 3x3 convolution\'s input held by jax.lax.optimization_barrier in the forward pass.',
+        ((layers, 'conv2d', _conv_input_held(_forward_only(jax.lax.optimization_barrier))),)),
+    'conv_input_identity_matmul': Variant(
+        'each 3x3 convolution\'s input held as the output of an identity matmul over channels '
+        '(non-fusible on XLA:CPU; +C^2 FLOPs per pixel).',
+        ((layers, 'conv2d', _conv_input_held(_forward_only(layers._materialize))),)),
+    'nchw_convs': Variant(
+        '3x3 convolutions through NCHW / OIHW dimension numbers, transposed around each.',
+        ((layers, 'conv2d', conv2d_nchw),)),
+    'xnn_eltwise': Variant(
+        'XNNPACK for elementwise fusions (xla_cpu_experimental_xnn_fusion_type=eltwise).',
+        compiler_options={'xla_cpu_experimental_xnn_fusion_type': 'LIBRARY_FUSION_TYPE_ELTWISE'}),
+    'xnn_graph_greedy': Variant(
+        'xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY.',
+        compiler_options={'xla_cpu_experimental_xnn_graph_fusion_mode':
+                          'XNN_GRAPH_FUSION_MODE_GREEDY'}),
+    'fast_runtime_preset': Variant(
+        'xla_cpu_opt_preset=CPU_OPT_PRESET_FAST_RUNTIME.',
+        compiler_options={'xla_cpu_opt_preset': 'CPU_OPT_PRESET_FAST_RUNTIME'}),
+    'tiling_propagation': Variant(
+        'xla_cpu_experimental_enable_tiling_propagation.',
+        compiler_options={'xla_cpu_experimental_enable_tiling_propagation': True}),
     'dw_shift_matmuls': Variant(
         'weight gradient of each 3x3 convolution as 9 shifted [BHW, Cin]^T [BHW, Cout] matmuls; '
         'alone 1.3-2.4x slower than XLA\'s own.',
