@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fdistill import objective
 from fdistill.models import layers
 
 
@@ -66,6 +67,35 @@ def attention_einsum4d(self, x):
     logits = jnp.einsum('bqnd,bknd->bnqk', q, k) / math.sqrt(d)
     a = jnp.einsum('bnqk,bknd->bqnd', jax.nn.softmax(logits, axis=-1), v)
     return a.reshape(b, h, w, c)
+
+
+def attention_dot_product(self, x):
+    """Attention by jax.nn.dot_product_attention (XLA implementation, [B, T, N, D] layout)."""
+    b, h, w, c = x.shape
+    n, d = self.num_heads, c // self.num_heads
+    weight = self.qkv.weight[...].reshape(c, n, d, 3).transpose(0, 3, 1, 2).reshape(c, 3 * c)
+    bias = self.qkv.bias[...].reshape(n, d, 3).transpose(2, 0, 1).reshape(3 * c)
+    qkv = x.reshape(b, h * w, c) @ weight.astype(x.dtype) + bias.astype(x.dtype)
+    q, k, v = (qkv[..., i * c:(i + 1) * c].reshape(b, h * w, n, d) for i in range(3))
+    a = jax.nn.dot_product_attention(q, k, v, implementation='xla')
+    return a.reshape(b, h, w, c)
+
+
+def attention_qkv_matmuls(self, x):
+    """Attention with separate q, k, v projections (three [C, C] matmuls) and k transposed once
+    ([B, D, T]), so both attention matmuls are plain row-major [T, D] x [D, T] and [T, T] x [T, D]
+    (one head)."""
+    b, h, w, c = x.shape
+    n, d = self.num_heads, c // self.num_heads
+    weight = self.qkv.weight[...].reshape(c, n, d, 3)
+    bias = self.qkv.bias[...].reshape(n, d, 3)
+    xs = x.reshape(b, h * w, c)
+    proj = lambda j: xs @ weight[..., j].reshape(c, c) + bias[..., j].reshape(c)
+    q, k, v = (proj(j).reshape(b, h * w, n, d).transpose(0, 2, 1, 3).reshape(b * n, h * w, d)
+               for j in range(3))
+    logits = jnp.matmul(q * (1 / math.sqrt(d)), k.transpose(0, 2, 1))
+    a = jnp.matmul(jax.nn.softmax(logits, axis=-1), v)
+    return a.reshape(b, n, h * w, d).transpose(0, 2, 1, 3).reshape(b, h, w, c)
 
 
 def _backward_only(materialize: Callable) -> Callable:
@@ -275,6 +305,15 @@ VARIANTS = {
     'tiling_propagation': Variant(
         'xla_cpu_experimental_enable_tiling_propagation.',
         compiler_options={'xla_cpu_experimental_enable_tiling_propagation': True}),
+    'attention_dpa': Variant('attention through jax.nn.dot_product_attention (XLA implementation).',
+                             ((layers.UNetBlock, 'attention', attention_dot_product),)),
+    'attention_qkv_matmuls': Variant(
+        'attention with separate q, k, v projections and k transposed once.',
+        ((layers.UNetBlock, 'attention', attention_qkv_matmuls),)),
+    'teacher_unbatched': Variant(
+        'the critic iteration runs the teacher once per input (fake, real) instead of once over '
+        'both stacked along the batch; only the distillation iterations change.',
+        ((objective, 'BATCH_TEACHER_FEATURES', False),)),
     'dw_shift_matmuls': Variant(
         'weight gradient of each 3x3 convolution as 9 shifted [BHW, Cin]^T [BHW, Cout] matmuls; '
         'alone 1.3-2.4x slower than XLA\'s own.',
