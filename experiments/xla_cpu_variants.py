@@ -203,6 +203,32 @@ def weight_gradient_im2col(x, dy, pad, k):
     return (patches.T @ dy.reshape(-1, co)).reshape(k, k, c, co)
 
 
+def weight_gradient_kernel_larger(x, dy, pad, k):
+    """dW as one convolution whose 'kernel' is the padded input (larger than its 'input', the
+    output cotangent), then flipped: XLA:CPU gives YNNPACK no convolution with a kernel larger
+    than its input, so the weight gradient runs on Eigen while the forward and input-gradient
+    convolutions stay on YNNPACK.
+
+    out[co, a, b, ci] = sum_{n,h,w} dy_padded[n, h + a, w + b, co] x_padded[n, h, w, ci]
+                      = dW[k - 1 - a, k - 1 - b, ci, co]."""
+    xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    out = jax.lax.conv_general_dilated(dy, xp, (1, 1), ((k - 1, k - 1), (k - 1, k - 1)),
+                                       dimension_numbers=('CHWN', 'IHWO', 'NHWC'))
+    return out[:, ::-1, ::-1, :].transpose(1, 2, 3, 0)
+
+
+def weight_gradient_batch_groups(x, dy, pad, k, groups=2):
+    """dW as XLA's own weight-gradient convolution split into `groups` batch groups (the input
+    channels in contiguous chunks, dy repeated once per chunk along its output features): the same
+    FLOPs, but XLA:CPU gives YNNPACK no convolution with batch_group_count > 1, so Eigen runs it."""
+    ci, co = x.shape[-1], dy.shape[-1]
+    out = jax.lax.conv_general_dilated(x, jnp.tile(dy, (1, 1, 1, groups)), (1, 1),
+                                       ((pad, pad), (pad, pad)),
+                                       dimension_numbers=('CHWN', 'IHWO', 'NHWC'),
+                                       batch_group_count=groups)        # [ci / g, k, k, g * co]
+    return out.reshape(ci // groups, k, k, groups, co).transpose(1, 2, 3, 0, 4).reshape(k, k, ci, co)
+
+
 @dataclasses.dataclass(frozen=True)
 class Variant:
     description: str
@@ -318,6 +344,17 @@ VARIANTS = {
         'weight gradient of each 3x3 convolution as 9 shifted [BHW, Cin]^T [BHW, Cout] matmuls; '
         'alone 1.3-2.4x slower than XLA\'s own.',
         ((layers, 'conv2d', _conv_with_weight_gradient(weight_gradient_shift_matmuls)),)),
+    'dw_eigen': Variant(
+        'weight gradient of each 3x3 convolution as one convolution with the padded input as its '
+        '(larger) kernel, which XLA:CPU keeps off YNNPACK (Eigen runs it); forward and input '
+        'gradient convolutions unchanged. Two 3x3 convs + SiLU, batch 16, parameter gradient: '
+        '22-70x the CPU time of current (Eigen with a kernel as large as the image is slow).',
+        ((layers, 'conv2d', _conv_with_weight_gradient(weight_gradient_kernel_larger)),)),
+    'dw_batch_groups': Variant(
+        'weight gradient of each 3x3 convolution as XLA\'s own with batch_group_count 2 (Eigen '
+        'instead of YNNPACK for it); forward and input gradient unchanged. Two 3x3 convs + SiLU, '
+        'batch 16, parameter gradient: 7-17x the CPU time of current.',
+        ((layers, 'conv2d', _conv_with_weight_gradient(weight_gradient_batch_groups)),)),
     'dw_im2col': Variant(
         'weight gradient as one im2col matmul; alone 1.8-4.4x slower than XLA\'s own (building the '
         'patches costs more than the matmul saves).',
