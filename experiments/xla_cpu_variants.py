@@ -222,6 +222,7 @@ def weight_gradient_batch_groups(x, dy, pad, k, groups=2):
     channels in contiguous chunks, dy repeated once per chunk along its output features): the same
     FLOPs, but XLA:CPU gives YNNPACK no convolution with batch_group_count > 1, so Eigen runs it."""
     ci, co = x.shape[-1], dy.shape[-1]
+    groups = groups if ci % groups == 0 else 1    # (the RGB input layer)
     out = jax.lax.conv_general_dilated(x, jnp.tile(dy, (1, 1, 1, groups)), (1, 1),
                                        ((pad, pad), (pad, pad)),
                                        dimension_numbers=('CHWN', 'IHWO', 'NHWC'),
