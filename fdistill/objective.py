@@ -41,8 +41,9 @@ R1_PERTURBATIONS = ("clean", "noised")
 
 # Whether the critic iteration runs the frozen teacher once over its fake, real (and R1) inputs
 # stacked along the batch instead of once per input: the same features to float tolerance, fewer
-# and larger operations (faster on XLA:CPU; see experiments/bench_distill.py).
-BATCH_TEACHER_FEATURES = True
+# and larger operations. Off until a measurement shows it faster (experiments/bench_distill.py
+# --distill --variants current,teacher_batched).
+BATCH_TEACHER_FEATURES = False
 
 
 def _teacher_features_batched(teacher, inputs, labels) -> list:
