@@ -354,7 +354,7 @@ VARIANTS = {
     'dw_batch_groups': Variant(
         'weight gradient of each 3x3 convolution as XLA\'s own with batch_group_count 2 (Eigen '
         'instead of YNNPACK for it); forward and input gradient unchanged. Two 3x3 convs + SiLU, '
-        'batch 16, parameter gradient: 7-17x the CPU time of current.',
+        'batch 16, parameter gradient: 6-17x the CPU time of current (two runs).',
         ((layers, 'conv2d', _conv_with_weight_gradient(weight_gradient_batch_groups)),)),
     'dw_im2col': Variant(
         'weight gradient as one im2col matmul; alone 1.8-4.4x slower than XLA\'s own (building the '
