@@ -34,9 +34,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import resource
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -66,14 +68,19 @@ class Program:
     flops: float
     temp_bytes: int
     run: Callable[[], None]
+    timer: Callable[[], tuple[float, float]] | None = None   # runs once elsewhere: (wall, cpu)
     wall: list = dataclasses.field(default_factory=list)
     cpu: list = dataclasses.field(default_factory=list)
 
     def time_once(self):
-        t0, c0 = time.perf_counter(), time.process_time()
-        self.run()
-        self.wall.append(time.perf_counter() - t0)
-        self.cpu.append(time.process_time() - c0)
+        if self.timer is not None:
+            wall, cpu = self.timer()
+        else:
+            t0, c0 = time.perf_counter(), time.process_time()
+            self.run()
+            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        self.wall.append(wall)
+        self.cpu.append(cpu)
 
     @property
     def ms(self) -> float:
@@ -221,16 +228,32 @@ def distillation_programs(config, variant: str, divergences, batch: int, samplin
     return out, info
 
 
-def reference_programs(path: str, batch: int) -> list[Program] | str:
-    """FastGen's (PyTorch) network phases, when torch and a FastGen checkout at `path` import;
-    otherwise the reason why not."""
+def reference_programs(fastgen: str, python: str, phases, batch: int) -> list[Program] | str:
+    """FastGen's (PyTorch) network phases, run by experiments/fastgen_reference.py under `python`
+    (a Python with torch and FastGen's requirements) and timed there on each request, so they
+    share the rounds with ours; or the reason they cannot run."""
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fastgen_reference.py")
     try:
-        sys.path.insert(0, path)
-        import torch   # noqa: F401
-        from experiments import fastgen_reference
-    except ImportError as e:
-        return f"reference not importable ({e})"
-    return fastgen_reference.programs(batch, Program)
+        proc = subprocess.Popen([python, script, f"--fastgen={fastgen}", f"--batch={batch}"],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    except OSError as e:
+        return f"reference not started ({e})"
+    ready = proc.stdout.readline()
+    if not ready.startswith("READY "):
+        proc.kill()
+        return f"reference not importable (see its error above; --reference_python={python})"
+    info = json.loads(ready[len("READY "):])
+    print(f"reference: FastGen SongUNet, {info['params']:,} parameters, torch {info['torch']}, "
+          f"{info['threads']} threads", flush=True)
+
+    def ask(phase):
+        proc.stdin.write(phase + "\n")
+        proc.stdin.flush()
+        answer = json.loads(proc.stdout.readline())
+        return answer["wall"], answer["cpu"]
+
+    return [Program(phase, "fastgen", 0.0, 0.0, 0, lambda: None, timer=lambda p=phase: ask(p))
+            for phase in phases]
 
 
 def print_table(title: str, programs: list[Program], variants: list[str], ref_name: str | None):
@@ -270,7 +293,10 @@ def main():
                    help="student iterations to time with --distill (the first also times the critic)")
     p.add_argument("--sampling", action="store_true",
                    help="with --distill: one-step student vs 35-NFE Heun sampling")
-    p.add_argument("--reference", default="", help="a FastGen checkout: time its network too")
+    p.add_argument("--reference", default="",
+                   help="a FastGen checkout: time its network's phases in the same rounds")
+    p.add_argument("--reference_python", default=sys.executable,
+                   help="the Python (with torch and FastGen's requirements) that runs it")
     p.add_argument("--smoke", action="store_true", help="16 channels, 1 block: checks the script")
     args = p.parse_args()
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -280,6 +306,9 @@ def main():
     bad = [s for s in phases if s not in PHASES]
     if bad:
         raise ValueError(f"Unknown phases {bad}; valid: {', '.join(PHASES)}.")
+    if args.reference and args.smoke:
+        raise ValueError("--reference times FastGen's network at the BENCHMARKS setting; drop "
+                         "--smoke to compare like with like.")
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} cpus, "
           f"load average {os.getloadavg()[0]:.2f}", flush=True)
 
@@ -295,7 +324,8 @@ def main():
                 args.sampling)
             dist += progs
         print(f"compiled variant {v}", flush=True)
-    ref = reference_programs(args.reference, args.batch) if args.reference else None
+    ref = (reference_programs(args.reference, args.reference_python, phases, args.batch)
+           if args.reference and phases else None)
     if isinstance(ref, str):
         print(ref)
         ref = None
@@ -310,12 +340,20 @@ def main():
     if net:
         print_table("network phases", net + (ref or []), variants + (["fastgen"] if ref else []),
                     None)
+    if ref:
+        theirs = {p.name: p for p in ref}
+        for v in variants:
+            ours = {p.name: p for p in net if p.variant == v}
+            print(f"{v} / FastGen (wall, cpu): " + ", ".join(
+                f"{PHASE_NAMES[k]} {ours[k].ms / theirs[k].ms:.2f}, "
+                f"{ours[k].cpu_ms / theirs[k].cpu_ms:.2f}" for k in phases if k in ours and k in theirs))
     if dist:
         dsm = {p.variant: p for p in net if p.name == "dsm"}
         print_table("distillation iterations", dist, variants, None)
         for v in variants:
             by = {p.name: p for p in dist if p.variant == v}
-            critic, student = by.get("critic iteration"), by.get(f"student iteration ({args.divergences.split(',')[0].strip()})")
+            first_div = args.divergences.split(",")[0].strip()
+            critic, student = by.get("critic iteration"), by.get(f"student iteration ({first_div})")
             if critic and student:
                 cycle = (student.ms + 4 * critic.ms) / 5
                 line = f"{v}: 1 + 4 cycle mean {cycle:.1f} ms"

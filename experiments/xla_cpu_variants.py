@@ -9,6 +9,9 @@ description.
 
 'pre_change' is the code before this work: the group statistics reshaped and repeated
 elementwise, no cotangent barrier, attention through 4-D einsums with the scale on the logits.
+
+Ratios without a stated source were measured with `bench_distill.py --phases param_grad` (process
+CPU time, 5 interleaved rounds, load average 10-13); variants without a ratio are not measured yet.
 """
 from __future__ import annotations
 
@@ -19,7 +22,9 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from fdistill import objective
 from fdistill.models import layers
 
 
@@ -37,6 +42,23 @@ def group_norm_elementwise(self, x):
     return x * scale.reshape(expand) + shift.reshape(expand)
 
 
+def group_norm_matmul_per_statistic(self, x):
+    """GroupNorm with one membership matmul per statistic (four per call instead of two)."""
+    b, c = x.shape[0], x.shape[-1]
+    axes = tuple(range(1, x.ndim - 1))
+    n = math.prod(x.shape[1:-1]) * (c // self.groups)
+    member = jnp.asarray(np.repeat(np.eye(self.groups, dtype=np.float32), c // self.groups, axis=0))
+    to_groups = lambda v: jnp.dot(v, member, precision=jax.lax.Precision.HIGHEST)
+    to_channels = lambda v: jnp.dot(v, member.T, precision=jax.lax.Precision.HIGHEST)
+    mean = to_groups(x.sum(axis=axes)) / n
+    sq = to_groups(jnp.square(x).sum(axis=axes)) / n
+    inv = jax.lax.rsqrt(jnp.maximum(sq - jnp.square(mean), 0.) + self.eps)
+    scale = to_channels(inv) * self.weight[...]
+    shift = self.bias[...] - to_channels(mean) * scale
+    expand = (b,) + (1,) * len(axes) + (c,)
+    return x * scale.reshape(expand) + shift.reshape(expand)
+
+
 def attention_einsum4d(self, x):
     """The pre-change attention: heads as an einsum axis, 1/sqrt(d) applied to the logits."""
     b, h, w, c = x.shape
@@ -48,6 +70,35 @@ def attention_einsum4d(self, x):
     logits = jnp.einsum('bqnd,bknd->bnqk', q, k) / math.sqrt(d)
     a = jnp.einsum('bnqk,bknd->bqnd', jax.nn.softmax(logits, axis=-1), v)
     return a.reshape(b, h, w, c)
+
+
+def attention_dot_product(self, x):
+    """Attention by jax.nn.dot_product_attention (XLA implementation, [B, T, N, D] layout)."""
+    b, h, w, c = x.shape
+    n, d = self.num_heads, c // self.num_heads
+    weight = self.qkv.weight[...].reshape(c, n, d, 3).transpose(0, 3, 1, 2).reshape(c, 3 * c)
+    bias = self.qkv.bias[...].reshape(n, d, 3).transpose(2, 0, 1).reshape(3 * c)
+    qkv = x.reshape(b, h * w, c) @ weight.astype(x.dtype) + bias.astype(x.dtype)
+    q, k, v = (qkv[..., i * c:(i + 1) * c].reshape(b, h * w, n, d) for i in range(3))
+    a = jax.nn.dot_product_attention(q, k, v, implementation='xla')
+    return a.reshape(b, h, w, c)
+
+
+def attention_qkv_matmuls(self, x):
+    """Attention with separate q, k, v projections (three [C, C] matmuls) and k transposed once
+    ([B, D, T]), so both attention matmuls are plain row-major [T, D] x [D, T] and [T, T] x [T, D]
+    (one head)."""
+    b, h, w, c = x.shape
+    n, d = self.num_heads, c // self.num_heads
+    weight = self.qkv.weight[...].reshape(c, n, d, 3)
+    bias = self.qkv.bias[...].reshape(n, d, 3)
+    xs = x.reshape(b, h * w, c)
+    proj = lambda j: xs @ weight[..., j].reshape(c, c) + bias[..., j].reshape(c)
+    q, k, v = (proj(j).reshape(b, h * w, n, d).transpose(0, 2, 1, 3).reshape(b * n, h * w, d)
+               for j in range(3))
+    logits = jnp.matmul(q * (1 / math.sqrt(d)), k.transpose(0, 2, 1))
+    a = jnp.matmul(jax.nn.softmax(logits, axis=-1), v)
+    return a.reshape(b, n, h * w, d).transpose(0, 2, 1, 3).reshape(b, h, w, c)
 
 
 def _backward_only(materialize: Callable) -> Callable:
@@ -96,6 +147,40 @@ def _conv_with_weight_gradient(weight_gradient: Callable) -> Callable:
     return conv2d
 
 
+def _forward_only(materialize: Callable) -> Callable:
+    """Identity whose forward value is `materialize(x)` and whose cotangent passes unchanged."""
+    @jax.custom_vjp
+    def barrier(x):
+        return materialize(x)
+
+    barrier.defvjp(lambda x: (materialize(x), None), lambda _, g: (g,))
+    return barrier
+
+
+def _conv_input_held(hold: Callable) -> Callable:
+    """layers.conv2d with each 3x3 convolution's input passed through `hold` in the forward pass
+    (the GroupNorm + SiLU output that feeds it): held as its own buffer, the weight-gradient
+    layout copies would read it instead of recomputing it from the pre-norm activations."""
+    base = layers.conv2d
+
+    def conv2d(x, w, *, pad):
+        if w.shape[:2] != (1, 1):
+            x = hold(x)
+        return base(x, w, pad=pad)
+    return conv2d
+
+
+def conv2d_nchw(x, w, *, pad):
+    """layers.conv2d through NCHW / OIHW dimension numbers (explicit transposes around it, for XLA's
+    layout assignment to absorb)."""
+    if w.shape[:2] == (1, 1) and pad == 0:
+        return x @ w[0, 0]
+    y = jax.lax.conv_general_dilated(x.transpose(0, 3, 1, 2), w.transpose(3, 2, 0, 1), (1, 1),
+                                     ((pad, pad), (pad, pad)),
+                                     dimension_numbers=('NCHW', 'OIHW', 'NCHW'))
+    return y.transpose(0, 2, 3, 1)
+
+
 def _lax_conv(x, w, pad):
     return jax.lax.conv_general_dilated(x, w, (1, 1), ((pad, pad), (pad, pad)),
                                         dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
@@ -119,6 +204,33 @@ def weight_gradient_im2col(x, dy, pad, k):
     c, co = x.shape[-1], dy.shape[-1]
     patches = jnp.stack(_shifted_windows(x, pad, k), axis=3).reshape(-1, k * k * c)
     return (patches.T @ dy.reshape(-1, co)).reshape(k, k, c, co)
+
+
+def weight_gradient_kernel_larger(x, dy, pad, k):
+    """dW as one convolution whose 'kernel' is the padded input (larger than its 'input', the
+    output cotangent), then flipped: XLA:CPU gives YNNPACK no convolution with a kernel larger
+    than its input, so the weight gradient runs on Eigen while the forward and input-gradient
+    convolutions stay on YNNPACK.
+
+    out[co, a, b, ci] = sum_{n,h,w} dy_padded[n, h + a, w + b, co] x_padded[n, h, w, ci]
+                      = dW[k - 1 - a, k - 1 - b, ci, co]."""
+    xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    out = jax.lax.conv_general_dilated(dy, xp, (1, 1), ((k - 1, k - 1), (k - 1, k - 1)),
+                                       dimension_numbers=('CHWN', 'IHWO', 'NHWC'))
+    return out[:, ::-1, ::-1, :].transpose(1, 2, 3, 0)
+
+
+def weight_gradient_batch_groups(x, dy, pad, k, groups=2):
+    """dW as XLA's own weight-gradient convolution split into `groups` batch groups (the input
+    channels in contiguous chunks, dy repeated once per chunk along its output features): the same
+    FLOPs, but XLA:CPU gives YNNPACK no convolution with batch_group_count > 1, so Eigen runs it."""
+    ci, co = x.shape[-1], dy.shape[-1]
+    groups = groups if ci % groups == 0 else 1    # (the RGB input layer)
+    out = jax.lax.conv_general_dilated(x, jnp.tile(dy, (1, 1, 1, groups)), (1, 1),
+                                       ((pad, pad), (pad, pad)),
+                                       dimension_numbers=('CHWN', 'IHWO', 'NHWC'),
+                                       batch_group_count=groups)        # [ci / g, k, k, g * co]
+    return out.reshape(ci // groups, k, k, groups, co).transpose(1, 2, 3, 0, 4).reshape(k, k, ci, co)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,6 +265,9 @@ VARIANTS = {
     'old_groupnorm': Variant(
         'GroupNorm by reshape/repeat: the per-group statistics are recomputed per element inside '
         'each fused loop; parameter gradient ~1.25x.', (_PRE_GN,)),
+    'groupnorm_4_matmuls': Variant(
+        'GroupNorm with a membership matmul per statistic (mean, E[x^2]; inv, mean) instead of '
+        'one per pair.', ((layers.GroupNorm, '__call__', group_norm_matmul_per_statistic),)),
     'no_barrier': Variant(
         'without the cotangent barrier: fused backward loops chain many blocks (~280 ops per '
         'element with the matmul GroupNorm, ~500 without); parameter gradient ~1.4x.', (_NO_BARRIER,)),
@@ -178,10 +293,76 @@ VARIANTS = {
     'ynn_dot_only': Variant(
         'YNNPACK for matmuls only (convolutions by Eigen); parameter gradient 1.5x, forward 1.2x.',
         compiler_options={'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT'}),
+    'ynn_eltwise': Variant(
+        'YNNPACK also for elementwise fusions (xla_cpu_experimental_ynn_fusion_type adds '
+        'LIBRARY_FUSION_TYPE_ELTWISE).', compiler_options={'xla_cpu_experimental_ynn_fusion_type': (
+            'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION,'
+            'LIBRARY_FUSION_TYPE_ELTWISE')}),
+    'ynn_dot_fusion': Variant(
+        'YNNPACK matmuls fused with their elementwise neighbours (LIBRARY_FUSION_TYPE_DOT).',
+        compiler_options={'xla_cpu_experimental_ynn_fusion_type': (
+            'LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION')}),
+    'concurrency_scheduler': Variant(
+        'xla_cpu_enable_concurrency_optimized_scheduler (orders independent operations to run '
+        'concurrently).', compiler_options={'xla_cpu_enable_concurrency_optimized_scheduler': True}),
+    'vector_width_512': Variant('xla_cpu_prefer_vector_width=512 (AVX-512 loops).',
+                                compiler_options={'xla_cpu_prefer_vector_width': 512}),
+    'conv_input_cond': Variant(
+        'each 3x3 convolution\'s input (the GroupNorm + SiLU output) held in the forward pass as a '
+        'copy through a run-time conditional (no extra FLOPs), so the weight-gradient layout copies '
+        'read it instead of recomputing it. Parameter gradient 1.01x.',
+        ((layers, 'conv2d', _conv_input_held(_forward_only(_cond_copy))),)),
+    'conv_input_opt_barrier': Variant(
+        'each 3x3 convolution\'s input held by jax.lax.optimization_barrier in the forward pass; '
+        'parameter gradient 1.08x.',
+        ((layers, 'conv2d', _conv_input_held(_forward_only(jax.lax.optimization_barrier))),)),
+    'conv_input_identity_matmul': Variant(
+        'each 3x3 convolution\'s input held as the output of an identity matmul over channels '
+        '(non-fusible on XLA:CPU; +C^2 FLOPs per pixel); parameter gradient 1.06x.',
+        ((layers, 'conv2d', _conv_input_held(_forward_only(layers._materialize))),)),
+    'nchw_convs': Variant(
+        '3x3 convolutions through NCHW / OIHW dimension numbers, transposed around each; parameter '
+        'gradient 1.02x.',
+        ((layers, 'conv2d', conv2d_nchw),)),
+    'xnn_eltwise': Variant(
+        'XNNPACK for elementwise fusions (xla_cpu_experimental_xnn_fusion_type); parameter '
+        'gradient 1.03x.',
+        compiler_options={'xla_cpu_experimental_xnn_fusion_type': 'LIBRARY_FUSION_TYPE_ELTWISE'}),
+    'xnn_graph_greedy': Variant(
+        'xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY; parameter '
+        'gradient 1.04x.',
+        compiler_options={'xla_cpu_experimental_xnn_graph_fusion_mode':
+                          'XNN_GRAPH_FUSION_MODE_GREEDY'}),
+    'fast_runtime_preset': Variant(
+        'xla_cpu_opt_preset=CPU_OPT_PRESET_FAST_RUNTIME; parameter gradient 1.02x.',
+        compiler_options={'xla_cpu_opt_preset': 'CPU_OPT_PRESET_FAST_RUNTIME'}),
+    'tiling_propagation': Variant(
+        'xla_cpu_experimental_enable_tiling_propagation; parameter gradient 1.16x.',
+        compiler_options={'xla_cpu_experimental_enable_tiling_propagation': True}),
+    'attention_dpa': Variant('attention through jax.nn.dot_product_attention (XLA implementation).',
+                             ((layers.UNetBlock, 'attention', attention_dot_product),)),
+    'attention_qkv_matmuls': Variant(
+        'attention with separate q, k, v projections and k transposed once.',
+        ((layers.UNetBlock, 'attention', attention_qkv_matmuls),)),
+    'teacher_batched': Variant(
+        'the critic iteration runs the teacher once over its fake and real inputs stacked along '
+        'the batch (batch 32) instead of once per input; only the distillation iterations change.',
+        ((objective, 'BATCH_TEACHER_FEATURES', True),)),
     'dw_shift_matmuls': Variant(
         'weight gradient of each 3x3 convolution as 9 shifted [BHW, Cin]^T [BHW, Cout] matmuls; '
         'alone 1.3-2.4x slower than XLA\'s own.',
         ((layers, 'conv2d', _conv_with_weight_gradient(weight_gradient_shift_matmuls)),)),
+    'dw_eigen': Variant(
+        'weight gradient of each 3x3 convolution as one convolution with the padded input as its '
+        '(larger) kernel, which XLA:CPU keeps off YNNPACK (Eigen runs it); forward and input '
+        'gradient convolutions unchanged. Two 3x3 convs + SiLU, batch 16, parameter gradient: '
+        '22-70x the CPU time of current (Eigen with a kernel as large as the image is slow).',
+        ((layers, 'conv2d', _conv_with_weight_gradient(weight_gradient_kernel_larger)),)),
+    'dw_batch_groups': Variant(
+        'weight gradient of each 3x3 convolution as XLA\'s own with batch_group_count 2 (Eigen '
+        'instead of YNNPACK for it); forward and input gradient unchanged. Two 3x3 convs + SiLU, '
+        'batch 16, parameter gradient: 6-17x the CPU time of current (two runs).',
+        ((layers, 'conv2d', _conv_with_weight_gradient(weight_gradient_batch_groups)),)),
     'dw_im2col': Variant(
         'weight gradient as one im2col matmul; alone 1.8-4.4x slower than XLA\'s own (building the '
         'patches costs more than the matmul saves).',

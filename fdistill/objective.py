@@ -39,6 +39,27 @@ FAKE_SCORE_WEIGHTINGS = ("none", "edm")
 R1_PERTURBATIONS = ("clean", "noised")
 
 
+# Whether the critic iteration runs the frozen teacher once over its fake, real (and R1) inputs
+# stacked along the batch instead of once per input: the same features to float tolerance, fewer
+# and larger operations. Off until a measurement shows it faster (experiments/bench_distill.py
+# --distill --variants current,teacher_batched).
+BATCH_TEACHER_FEATURES = False
+
+
+def _teacher_features_batched(teacher, inputs, labels) -> list:
+    """The teacher's (stop-gradient) features of each (x, sigma) in `inputs`, from one call on
+    their concatenation along the batch axis; `labels` are shared by every input."""
+    sizes = [x.shape[0] for x, _ in inputs]
+    x_all = jnp.concatenate([x for x, _ in inputs])
+    s_all = jnp.concatenate([s for _, s in inputs])
+    l_all = (None if labels is None
+             else jax.tree.map(lambda l: jnp.concatenate([l] * len(inputs)), labels))
+    feats = jax.lax.stop_gradient(teacher(x_all, s_all, l_all, return_features=True)[1])
+    leaves, treedef = jax.tree.flatten(feats)
+    split = [jnp.split(leaf, np.cumsum(sizes)[:-1]) for leaf in leaves]
+    return [treedef.unflatten([parts[i] for parts in split]) for i in range(len(inputs))]
+
+
 # =================================================================================================
 # Noise levels.
 
@@ -335,22 +356,33 @@ class FDivergenceObjective:
                 return jax.lax.stop_gradient(teacher(x_in, s, labels, return_features=True)[1])
             return fake_score(x_in, s, labels, return_features=True)[1]
 
+        x_pert = None
+        if self.r1_weight > 0:
+            base = x_real if self.r1_perturb == "clean" else x_t_real
+            x_pert = base + self.r1_alpha * jax.random.normal(k_r1, base.shape)
         if self.feature_source == "fake_score":
             x0_fake, feats_fake = fake_score(x_t, sigma, labels, return_features=True)
+            feats_real = feats(x_t_real, sigma_real)
+            feats_pert = None if x_pert is None else feats(x_pert, sigma_real)
         else:
             x0_fake = fake_score(x_t, sigma, labels)
-            feats_fake = feats(x_t, sigma)
+            inputs = [(x_t, sigma), (x_t_real, sigma_real)]
+            inputs += [] if x_pert is None else [(x_pert, sigma_real)]
+            if BATCH_TEACHER_FEATURES:   # one teacher pass over fake, real (and R1) inputs
+                feats_fake, feats_real, *rest = _teacher_features_batched(
+                    teacher, inputs, labels)
+            else:
+                feats_fake, feats_real, *rest = [feats(x_in, s) for x_in, s in inputs]
+            feats_pert = rest[0] if rest else None
         loss_dsm = fake_score_loss(x0_fake, x, self.fake_score_weight(sigma)).mean()
         logits_fake = discriminator(feats_fake)
-        logits_real = discriminator(feats(x_t_real, sigma_real))
+        logits_real = discriminator(feats_real)
         loss_d = discriminator_loss(logits_fake, logits_real).mean()
         loss = loss_dsm + loss_d
         metrics = {"critic/loss_dsm": loss_dsm, "critic/loss_d": loss_d,
                    "critic/logit_real": logits_real.mean(), "critic/logit_fake": logits_fake.mean()}
         if self.r1_weight > 0:
-            base = x_real if self.r1_perturb == "clean" else x_t_real
-            x_pert = base + self.r1_alpha * jax.random.normal(k_r1, base.shape)
-            r1 = approximate_r1(logits_real, discriminator(feats(x_pert, sigma_real))).mean()
+            r1 = approximate_r1(logits_real, discriminator(feats_pert)).mean()
             loss = loss + self.r1_weight * r1
             metrics["critic/r1"] = r1
         metrics["critic/loss"] = loss

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import jax
+from jax.experimental.compilation_cache import compilation_cache as jax_cache
 
 from fdistill import compilation_cache
 
@@ -45,21 +46,23 @@ def test_second_process_loads_the_compiled_program(tmp_path):
 
 
 def test_environment_variable_turns_it_off(monkeypatch, tmp_path):
-    monkeypatch.setenv('FDISTILL_COMPILATION_CACHE', 'off')
+    saved = (jax.config.jax_enable_compilation_cache, jax.config.jax_compilation_cache_dir,
+             jax.config.jax_persistent_cache_min_compile_time_secs,
+             jax.config.jax_persistent_cache_min_entry_size_bytes)
     try:
+        monkeypatch.setenv('FDISTILL_COMPILATION_CACHE', 'off')
         assert compilation_cache.enable(str(tmp_path / 'cache')) is None
         assert not compilation_cache.is_enabled()
         assert not (tmp_path / 'cache').exists()
-    finally:
-        jax.config.update('jax_enable_compilation_cache', True)   # JAX's default, no directory
-    monkeypatch.setenv('FDISTILL_COMPILATION_CACHE', str(tmp_path / 'elsewhere'))
-    try:
+        monkeypatch.setenv('FDISTILL_COMPILATION_CACHE', str(tmp_path / 'elsewhere'))
         assert compilation_cache.enable() == str(tmp_path / 'elsewhere')
         assert compilation_cache.is_enabled()
-    finally:
-        jax.config.update('jax_compilation_cache_dir', None)
-        compilation_cache.disable()
-        jax.config.update('jax_enable_compilation_cache', True)
+    finally:   # this process's settings as they were
+        for name, value in zip(('jax_enable_compilation_cache', 'jax_compilation_cache_dir',
+                                'jax_persistent_cache_min_compile_time_secs',
+                                'jax_persistent_cache_min_entry_size_bytes'), saved):
+            jax.config.update(name, value)
+        jax_cache.reset_cache()
 
 
 def test_default_directory_follows_xdg(monkeypatch, tmp_path):

@@ -177,3 +177,58 @@ def test_toy_weights_are_settable_from_the_command_line():
     default = toy_lib.get_toy(parse().data)
     np.testing.assert_allclose(default.weights, 0.5 ** np.arange(1, 7) / (1 - 0.5 ** 6),
                                rtol=1e-6)
+
+
+@pytest.mark.parametrize("r1_weight", [0.0, 1.0])
+def test_critic_teacher_features_in_one_batched_pass_equal_separate_passes(monkeypatch, r1_weight):
+    """The critic iteration runs the frozen teacher once over its fake, real (and R1) inputs
+    stacked along the batch: the same loss, metrics and gradients as one pass per input (a real
+    U-Net, whose GroupNorm statistics are per sample), from one teacher call."""
+    from flax import nnx
+    from fdistill.models import Denoiser, SongUNet
+    from fdistill.models.discriminator import Discriminator
+
+    def denoiser(seed):
+        net = SongUNet(8, 3, 3, label_dim=4, model_channels=16, channel_mult=(1,), num_blocks=1,
+                       attn_resolutions=(8,), dropout=0.0, rngs=nnx.Rngs(seed))
+        return Denoiser(net, sde.EDM(sigma_data=0.5))
+
+    teacher, fake, student_net = denoiser(0), denoiser(1), denoiser(2)
+    disc = Discriminator(teacher.net.feature_channels, (8,), rngs=nnx.Rngs(3))
+    obj = _objective(r1_weight=r1_weight, r1_alpha=0.1)
+    rng = np.random.default_rng(0)
+    batch = {"x": rng.uniform(-1, 1, (4, 8, 8, 3)).astype(np.float32),
+             "label": np.eye(4, dtype=np.float32)[[0, 3, 1, 2]]}
+    g_fake, p_fake = nnx.split(fake)
+    g_disc, p_disc = nnx.split(disc)
+    calls = []
+
+    class Counted(nnx.Module):
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __call__(self, *args, **kwargs):
+            calls.append(args[0].shape[0])
+            return self.inner(*args, **kwargs)
+
+    def run(batched):
+        monkeypatch.setattr(objective, "BATCH_TEACHER_FEATURES", batched)
+        calls.clear()
+
+        def loss(p_fake, p_disc):
+            return obj.critic_loss(nnx.merge(g_fake, p_fake), nnx.merge(g_disc, p_disc),
+                                   student_net, Counted(teacher), jax.random.key(5), batch)
+
+        (value, metrics), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1),
+                                                             has_aux=True))(p_fake, p_disc)
+        return value, metrics, grads, list(calls)
+
+    value, metrics, grads, batched_calls = run(True)
+    ref_value, ref_metrics, ref_grads, separate_calls = run(False)
+    passes = 3 if r1_weight else 2
+    assert batched_calls == [4 * passes] and separate_calls == [4] * passes
+    np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+    for k in ref_metrics:
+        np.testing.assert_allclose(metrics[k], ref_metrics[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5 * float(np.abs(r).max()) + 1e-8)

@@ -250,6 +250,8 @@ def _allgather(x: np.ndarray) -> np.ndarray:
 def _allgather_rows(x: np.ndarray) -> list[np.ndarray]:
     """Each process's ``x`` [n_p, ...] (row counts may differ between processes)."""
     counts = _allgather(np.asarray([len(x)], np.int64))[:, 0]
+    if counts.max() == 0:
+        return [x for _ in counts]
     padded = np.zeros((int(counts.max()),) + x.shape[1:], x.dtype)
     padded[:len(x)] = x
     return [rows[:c] for rows, c in zip(_allgather(padded), counts)]

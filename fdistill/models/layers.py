@@ -198,10 +198,11 @@ class GroupNorm(nnx.Module):
 
     y = (x - mean_g) / sqrt(var_g + eps) * weight + bias, with the mean and variance of each
     (sample, group) over the spatial axes and the group's channels, var = E[x^2] - E[x]^2 (one pass,
-    clamped at 0). Channel sums go to groups and back through a 0/1 membership matrix [C, G] (two
-    tiny matmuls): the matmuls end XLA:CPU's loop fusions there, so each fused elementwise pass over
-    the activations applies one per-(sample, channel) scale and shift instead of re-deriving the
-    group statistics per element, and its backward does the same.
+    clamped at 0; statistics in float32). Channel sums go to groups and back through a 0/1
+    membership matrix [C, G] (two tiny matmuls, each for two statistics): the matmuls end XLA:CPU's
+    loop fusions there, so each fused elementwise pass over the activations applies one
+    per-(sample, channel) scale and shift instead of re-deriving the group statistics per element,
+    and its backward does the same.
     """
 
     def __init__(self, num_channels: int, *, groups: int | None = None, eps: float = 1e-5):
@@ -221,11 +222,12 @@ class GroupNorm(nnx.Module):
         to_groups = lambda v: jnp.dot(v, member, precision=jax.lax.Precision.HIGHEST)
         to_channels = lambda v: jnp.dot(v, member.T, precision=jax.lax.Precision.HIGHEST)
         xf = x.astype(jnp.float32)
-        mean = to_groups(xf.sum(axis=axes)) / n
-        sq = to_groups(jnp.square(xf).sum(axis=axes)) / n
+        sums = jnp.concatenate([xf.sum(axis=axes), jnp.square(xf).sum(axis=axes)])   # [2B, C]
+        mean, sq = jnp.split(to_groups(sums) / n, 2)
         inv = jax.lax.rsqrt(jnp.maximum(sq - jnp.square(mean), 0.) + self.eps)
-        scale = to_channels(inv) * self.weight[...]
-        shift = self.bias[...] - to_channels(mean) * scale
+        inv_c, mean_c = jnp.split(to_channels(jnp.concatenate([inv, mean])), 2)
+        scale = inv_c * self.weight[...]
+        shift = self.bias[...] - mean_c * scale
         expand = (b,) + (1,) * len(axes) + (c,)
         return (xf * scale.reshape(expand) + shift.reshape(expand)).astype(x.dtype)
 
