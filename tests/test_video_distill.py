@@ -353,3 +353,31 @@ def test_video_distillation_matches_on_one_and_two_devices():
     last = out["js1"][-1]
     assert last["critic/loss_d"] > 0 and last["critic/loss_dsm"] != 0.0
     assert out["js1"][0]["student/loss_gan"] > 0
+
+
+def test_video_configs_rows_and_their_validation():
+    """The ablation's rows set what they name; the evaluated student is the trained one (its
+    EMA horizon 1 / (1 - rate) is well under the run's iterations); bad regulariser values are
+    reported by field before anything compiles."""
+    from configs import video, video_quick
+    from fdistill import validation
+    for module in (video, video_quick):
+        c = module.get_config()
+        d = c.distill
+        assert (d.fkl_target, d.fkl_steps, d.noise_schedule, d.timestep_shift) == (
+            "chord", 1, "shifted", 5.0)
+        assert 1.0 / (1.0 - d.ema_rate) <= d.num_steps / 10, module.__name__
+        assert validation.problems(c, "distill") == []
+    rows = {name: video.get_config(name) for name in video.VARIANTS}
+    assert rows["hiar_k4"].distill.fkl_steps == 4 and rows["hiar_k2"].distill.fkl_steps == 2
+    assert rows["hiar_context_tj"].student.context == "input"
+    assert rows["hiar"].student.context == "output"
+    assert rows["self_forcing"].distill.order == "block_first"
+    assert rows["hiar_causal_mask"].distill.fkl_mask == "block_causal"
+    assert rows["hierarchical"].distill.fkl_weight == 0.0 < rows["hiar_js"].distill.fkl_weight
+    bad = video.get_config()
+    bad.distill.fkl_steps, bad.distill.timestep_shift = 5, 0.0
+    found = validation.problems(bad, "distill")
+    assert any("distill.fkl_steps = 5: must be <= config.student.num_steps = 4" in p
+               for p in found), found
+    assert any("distill.timestep_shift = 0.0" in p for p in found), found

@@ -209,3 +209,18 @@ def test_pipelined_schedule_gives_the_same_video_as_sequential():
     assert out.returncode == 0, out.stderr[-3000:]
     diff = float(out.stdout.split("MAXDIFF")[1])
     assert diff <= 1e-6, diff
+
+
+@pytest.mark.parametrize("window", [T, 2 * BS, BS])
+def test_fused_passes_give_the_sequential_video(window):
+    """HiAR's fused pass (a block's cache write and the next block's denoising in one pass over
+    both, per-frame sigma) yields the cell-by-cell video, past the training length and with a
+    sliding window (one block: no context at all)."""
+    model = tiny_denoiser(6, depth=2)
+    noise = _noise(6, t=3 * T)
+    plain = hiar.sample(model, noise, SIGMAS, block_size=BS, window=window)
+    fused = hiar.sample(model, noise, SIGMAS, block_size=BS, window=window, fused=True)
+    np.testing.assert_allclose(fused, plain, atol=2e-5)
+    with pytest.raises(ValueError, match="fused pass is for hierarchical"):
+        hiar.sample(model, noise, SIGMAS, block_size=BS, window=window, fused=True,
+                    context="input")

@@ -108,12 +108,41 @@ def cell(model, x_in, sigma_in, sigma_out, eps, cache, offset, context: str = "o
     return x0, x_out, video_models.append_to_cache(cache, kv)
 
 
+def fused_step(model, x, eps, sigma_in, sigma_out, cache, block_size: int):
+    """One hierarchical step over all blocks ``x [nb, B, bs, ...]`` with HiAR's fused passes:
+    block b's cache write (its ``x_out`` at ``sigma_out``) and block b+1's denoising (at
+    ``sigma_in``) are one pass over the two blocks with per-frame sigma (``model.cached`` with
+    ``block_size``), nb passes instead of 2 nb - 1, and the same video as `cell` by `cell`
+    with ``context='output'``. Returns ``(x0 [nb, ...], x_out [nb, ...])``."""
+    tokens = model.net.tokens_per_frame * block_size
+    x0, _ = model.cached(x[0], _level(x[0], sigma_in), cache, frame_offset=0)
+    first = x0 + sigma_out * eps[0]
+
+    def over_blocks(carry, inputs):
+        cache, prev = carry
+        x_in, e, off = inputs
+        chunk = jnp.concatenate([prev, x_in], axis=1)
+        sig = jnp.concatenate([_level(prev, sigma_out), _level(x_in, sigma_in)], axis=1)
+        x0c, (k, v) = model.cached(chunk, sig, cache, frame_offset=off - block_size,
+                                   block_size=block_size)
+        cache = video_models.append_to_cache(cache, (k[:, :, :tokens], v[:, :, :tokens]))
+        x0 = x0c[:, block_size:]
+        x_out = x0 + sigma_out * e
+        return (cache, x_out), (x0, x_out)
+
+    offsets = jnp.arange(1, x.shape[0]) * block_size
+    _, (x0s, outs) = jax.lax.scan(over_blocks, (cache, first), (x[1:], eps[1:], offsets))
+    return (jnp.concatenate([x0[None], x0s]), jnp.concatenate([first[None], outs]))
+
+
 def rollout(model, noise, sigmas, *, block_size: int, window: int,
-            order: str = "hierarchical", exit_step=None, context: str = "output"):
+            order: str = "hierarchical", exit_step=None, context: str = "output",
+            fused: bool = False):
     """The student's autoregressive rollout (traceable; ``model`` is a merged VideoDenoiser).
 
     ``noise [S, B, T, ...]``, ``sigmas`` the S + 1 levels; ``context`` the level of the
     hierarchical order's context (`cell`; block-first context is always the clean block).
+    ``fused`` (inference, hierarchical, context 'output'): `fused_step`'s passes.
     Returns the clip ``[B, T, ...]``:
     x0_hat of the last step, or of step ``exit_step`` (a traced int) for self-rollout
     training, where the rollout stops at that step for every block and gradients flow only
@@ -122,6 +151,9 @@ def rollout(model, noise, sigmas, *, block_size: int, window: int,
     check_order(order)
     check_context(context)
     _check(model, noise, sigmas, block_size, window)
+    if fused and (order, context, exit_step) != ("hierarchical", "output", None):
+        raise ValueError("the fused pass is for hierarchical sampling with context 'output' "
+                         "(no exit step); it is off for this rollout.")
     sigmas = np.asarray(sigmas, np.float32)
     num_steps, batch = noise.shape[0], noise.shape[1]
     eps = jax.vmap(lambda n: _blocks(n, block_size))(noise)           # [S, nb, B, bs, ...]
@@ -146,6 +178,13 @@ def rollout(model, noise, sigmas, *, block_size: int, window: int,
                 out = x0
             x = sg(x_next)
         return out
+
+    if order == "hierarchical" and fused:
+        def fused_one_step(j, x):
+            return fused_step(model, x, noise_out(eps, j), float(sigmas[j]), level_out(j),
+                              fresh(), block_size)
+
+        return _unblocks(steps(sigmas[0] * eps[0], fused_one_step))
 
     if order == "hierarchical":
         def one_step(j, x):
@@ -177,22 +216,24 @@ def rollout(model, noise, sigmas, *, block_size: int, window: int,
 
 
 def sample(model, noise, sigmas, *, block_size: int, window: int,
-           order: str = "hierarchical", context: str = "output") -> jax.Array:
+           order: str = "hierarchical", context: str = "output",
+           fused: bool = False) -> jax.Array:
     """Jitted rollout of a VideoDenoiser (any clip length; sliding KV window of ``window``)."""
     check_order(order)
     check_context(context)
     _check(model, noise, sigmas, block_size, window)
     graphdef, state = nnx.split(model)
     return _sample_jit(graphdef, state, noise, tuple(float(s) for s in sigmas), block_size,
-                       window, order, context)
+                       window, order, context, fused)
 
 
-def _sample_impl(graphdef, state, noise, sigmas, block_size, window, order, context):
+def _sample_impl(graphdef, state, noise, sigmas, block_size, window, order, context, fused):
     return rollout(nnx.merge(graphdef, state), noise, np.asarray(sigmas, np.float32),
-                   block_size=block_size, window=window, order=order, context=context)
+                   block_size=block_size, window=window, order=order, context=context,
+                   fused=fused)
 
 
-_sample_jit = jax.jit(_sample_impl, static_argnums=(0, 3, 4, 5, 6, 7))
+_sample_jit = jax.jit(_sample_impl, static_argnums=(0, 3, 4, 5, 6, 7, 8))
 
 
 # ---------------------------------------------------------------------------------------------
