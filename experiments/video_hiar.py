@@ -27,7 +27,8 @@ students that move well away from their ODE initialisation: ``configs/video.py``
 steps, 2400 iterations = 400 student updates, EMA horizon 50 iterations) on a GPU, 3 seeds.
 
 ``--pipeline`` times, on the trained teacher's weights, block-first sampling (the paper's
-baseline), sequential hierarchical sampling and the pipelined schedule (one device per step).
+baseline), sequential hierarchical sampling (plain and with the fused pass) and the pipelined
+schedule (one device per step; its cells are not fused).
 On a machine with one accelerator per student step this is the paper's speed-up measurement;
 on fake CPU devices sharing cores it only checks that the three run (and that the pipelined video
 equals the sequential one).
@@ -141,13 +142,15 @@ def pipeline_timing(model, config, repeats: int = 5, batch: int = 8) -> dict:
     runs = {
         "block_first_s": lambda: hiar.sample(model, noise, sigmas, order="block_first", **kw),
         "hierarchical_s": lambda: hiar.sample(model, noise, sigmas, order="hierarchical", **kw),
+        "hierarchical_fused_s": lambda: hiar.sample(model, noise, sigmas, fused=True, **kw),
         "pipelined_s": lambda: hiar.pipelined_hierarchical(model, noise, sigmas, **kw),
     }
     out = {"devices": [str(d) for d in jax.devices()[:s.num_steps]], "batch": batch,
            "frames": shape[1]}
     videos = {k: np.asarray(fn().block_until_ready()) for k, fn in runs.items()}
-    out["pipelined_vs_sequential_max_abs_diff"] = float(
-        np.abs(videos["pipelined_s"] - videos["hierarchical_s"]).max())
+    for name in ("pipelined_s", "hierarchical_fused_s"):
+        out[f"{name[:-2]}_vs_sequential_max_abs_diff"] = float(
+            np.abs(videos[name] - videos["hierarchical_s"]).max())
     for name, fn in runs.items():
         times = []
         for _ in range(repeats):
@@ -157,6 +160,8 @@ def pipeline_timing(model, config, repeats: int = 5, batch: int = 8) -> dict:
         out[name] = float(np.median(times))
     out["speedup_vs_block_first"] = out["block_first_s"] / out["pipelined_s"]
     out["speedup_vs_sequential_hierarchical"] = out["hierarchical_s"] / out["pipelined_s"]
+    out["fused_speedup_vs_sequential_hierarchical"] = (out["hierarchical_s"]
+                                                       / out["hierarchical_fused_s"])
     return out
 
 
@@ -170,6 +175,9 @@ def main(argv=None):
     p.add_argument("--distill-steps", type=int, default=0,
                    help="override distill.num_steps (and ckpt_every) for a shortened run")
     p.add_argument("--workdir", default="runs/video_hiar")
+    p.add_argument("--teacher", default="",
+                   help="the teacher's workdir (default <workdir>/teacher; trained or resumed "
+                        "there with the config's teacher settings)")
     p.add_argument("--variants", nargs="*", default=list(VARIANTS),
                    help=f"subset of configs/video.py's VARIANTS: {list(VARIANTS)}")
     p.add_argument("--pipeline", action="store_true",
@@ -186,10 +194,11 @@ def main(argv=None):
     os.makedirs(args.workdir, exist_ok=True)
     t_start = time.time()
 
-    teacher_dir = os.path.join(args.workdir, "teacher")
-    teacher_ckpts = os.path.join(teacher_dir, "checkpoints")
-    done = os.path.isdir(teacher_ckpts) and config.training.num_steps in (
-        checkpoint.Checkpointer(teacher_ckpts).all_steps())
+    teacher_dir = args.teacher or os.path.join(args.workdir, "teacher")
+    done = False
+    if os.path.isdir(os.path.join(teacher_dir, "checkpoints")):
+        with checkpoint.Checkpointer(os.path.join(teacher_dir, "checkpoints")) as ckpt:
+            done = config.training.num_steps in ckpt.all_steps()
     if not done:
         modes.train_teacher(config, teacher_dir)
     teacher, _ = modes.load_teacher(config, teacher_dir)
