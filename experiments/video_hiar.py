@@ -129,6 +129,24 @@ def data_row(config) -> dict:
     return row
 
 
+def teacher_context_use(teacher, config, sigmas=(1.0, 2.0, 4.0, 8.0), n: int = 128) -> dict:
+    """Does the teacher use the clip's other frames? Its x0 error on frame 0 of noised data
+    clips, with the other frames from the same clip and from another clip (same noise). A
+    teacher that has learnt the motion denoises frame 0 better with its own clip's frames; equal
+    errors mean it denoises each frame alone, and its samples cannot move coherently."""
+    x = modes.dataset(config, n, seed=4321).batch(0)["x"]
+    mixed = np.roll(x, 1, axis=0)
+    mixed[:, 0] = x[:, 0]
+    eps = np.random.default_rng(0).normal(size=x.shape).astype(np.float32)
+    out = {}
+    for s in sigmas:
+        level = np.full((n,), s, np.float32)
+        err = lambda clips: float(np.mean((np.asarray(teacher(clips + s * eps, level))[:, 0]
+                                           - x[:, 0]) ** 2))
+        out[f"sigma={s:g}"] = {"own_clip": err(x), "other_clip": err(mixed)}
+    return out
+
+
 def pipeline_timing(model, config, repeats: int = 5, batch: int = 8) -> dict:
     """Wall-clock per batch of ``batch`` long clips: block-first, sequential hierarchical and
     pipelined hierarchical (one device per step) sampling, medians of ``repeats`` after a
@@ -210,6 +228,9 @@ def main(argv=None):
             json.dump(timing, f, indent=2)
         return timing
 
+    context_use = teacher_context_use(teacher, config)
+    print("teacher: frame-0 x0 error with its own clip's other frames vs another clip's:",
+          json.dumps(context_use), flush=True)
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     rows: dict[str, list[dict]] = {"data": [data_row(config)], "teacher (Heun, bidirectional)": [],
                                    "ODE-init student (hierarchical)": []}
@@ -254,7 +275,8 @@ def main(argv=None):
     print(f"\nseeds {seeds}\n" + text)
     summary = {"config": "video_quick" if args.quick else "video", "seeds": seeds,
                "distill_steps": args.distill_steps or int(config.distill.num_steps),
-               "rows": rows, "distill_seconds": timings, "teacher_seconds": t_teacher,
+               "rows": rows, "teacher_context_use": context_use,
+               "distill_seconds": timings, "teacher_seconds": t_teacher,
                "total_seconds": time.time() - t_start}
     name = os.path.join(args.workdir, "video_hiar_seeds" + "_".join(map(str, seeds)))
     with open(name + ".json", "w") as f:
