@@ -267,9 +267,11 @@ def main(argv=None):
                 rows[NO_RETRAINING].append(_strip(modes.video_student_report(
                     vcfg, vdir, distillation.denoiser(state["student_ema"]), prefix="student",
                     order="hierarchical", name="rollout_hierarchical"), "student"))
-        init = _initialised_student(vcfg, teacher, init_dir)
+        icfg = load_config(args.quick)                  # HiAR's sampler: context t_{j+1}
+        icfg.seed = seed
+        init = _initialised_student(icfg, teacher, init_dir)
         rows["ODE-init student (hierarchical)"].append(_strip(modes.video_student_report(
-            vcfg, init_dir, init, prefix="init", order="hierarchical"), "init"))
+            icfg, init_dir, init, prefix="init", order="hierarchical"), "init"))
 
     text = table(rows)
     print(f"\nseeds {seeds}\n" + text)
