@@ -23,8 +23,9 @@ def get_config(variant: str = "hiar"):
     c.optim.lr = 1e-3
     c.distill.num_pairs = 128
     c.distill.ode_init_steps = 150
-    c.distill.num_steps = 240
+    c.distill.num_steps = 240               # 40 student updates
     c.distill.log_every = 120
     c.distill.ckpt_every = 240
+    c.distill.ema_rate = 0.95               # horizon 20 iterations, a tenth of the run
     c.eval.num_clips = 32
     return c

@@ -1,22 +1,37 @@
-"""HiAR ablation at CPU scale: the video students of `configs/video.py`'s VARIANTS (block-first
-vs hierarchical self-rollout, the forward-KL motion regulariser on / off, its mask, reverse-KL vs
-Jensen-Shannon), each distilled by the command line's own recipe (`fdistill.modes.distill`).
+"""HiAR ablation (arXiv 2603.08703, Tables 2-3) at CPU scale, through the command line's modes.
 
-    python experiments/video_hiar.py --quick                 # configs/video_quick.py
-    python experiments/video_hiar.py --seeds 0 1 2           # configs/video.py, longer
-    python experiments/video_hiar.py --quick --pipeline      # only: pipelined vs sequential
-                                                             #   sampling on fake CPU devices
-    python experiments/video_hiar.py --merge runs/video_hiar/video_hiar_seeds0.json \
-        runs/video_hiar/video_hiar_seeds1.json               # one table from separate runs
+Rows (``configs/video.py``'s VARIANTS, each distilled by ``fdistill.modes.distill``):
+Self-Forcing order (block-first), w/o FKL (hierarchical), FKL bidirectional K=1 (HiAR), causal
+K=1, K=2, K=4, w/o re-training (the block-first student sampled hierarchically), context t_j,
+and a Jensen-Shannon row; with the data, the teacher and the ODE-initialised student.
 
-One bidirectional teacher is trained (or resumed) in ``<workdir>/teacher``; per seed, the
-teacher's ODE pairs and the ODE-regression initialisation are made once in
-``<workdir>/init_seed<seed>`` (``distill.init_workdir``) and shared by all variants. Every row
-reports, as mean +- std over seeds: mean object speed (pixels/frame, exact centroid tracking) and
-its ratio to the data's, dynamic degree, frame-difference energy, shape error at the training
-length, and drift (slope of the per-segment shape error over a rollout 4x the training length,
-sliding KV window). Writes ``<workdir>/video_hiar_seeds<seeds>.json`` and ``.md`` and one GIF per
-row; seeds run as separate processes are combined by ``--merge``.
+    python experiments/video_hiar.py --quick                      # configs/video_quick.py, 3 seeds
+    python experiments/video_hiar.py --quick --seeds 1 --distill-steps 120   # what fits 2 cores
+    python experiments/video_hiar.py --seeds 3                    # configs/video.py (GPU-sized)
+    python experiments/video_hiar.py --quick --pipeline           # only: sampler timings
+    python experiments/video_hiar.py --merge A.json B.json        # one table from separate runs
+
+One teacher is trained (or resumed) in ``<workdir>/teacher``; per seed, the ODE pairs and the
+ODE-regression initialisation are made once in ``<workdir>/init_seed<seed>`` and shared by the
+rows. Every row reports mean +- std over seeds of: at the training length, the tracked speed's
+ratio to the data's, the dynamic degree (threshold: the data's lower quartile of per-pair
+displacement, VBench's 1-in-4 rule) and the shape error; over a rollout ``eval.rollout_factor``
+(4) times the training length, the speed ratio overall and in the last segment, the dynamic
+degree, and the drift: the fitted relative change of the shape error, sharpness and intensity
+from the first segment to the last (``|drift|``: their mean magnitude). See
+``fdistill.video.metrics.evaluate_rollout``.
+
+Run length. On 2 CPU cores one ``video_quick`` student costs minutes; the rows' differences at
+that length are inside the seed spread (see the README's video section). Separating them needs
+students that move well away from their ODE initialisation: ``configs/video.py`` (3000 teacher
+steps, 2400 iterations = 400 student updates, EMA horizon 50 iterations) on a GPU, 3 seeds.
+
+``--pipeline`` times, on the trained teacher's weights, block-first sampling (the paper's
+baseline), sequential hierarchical sampling (plain and with the fused pass) and the pipelined
+schedule (one device per step; its cells are not fused).
+On a machine with one accelerator per student step this is the paper's speed-up measurement;
+on fake CPU devices sharing cores it only checks that the three run (and that the pipelined video
+equals the sequential one).
 """
 from __future__ import annotations
 
@@ -26,8 +41,8 @@ import os
 import sys
 import time
 
-if "--pipeline" in sys.argv:       # fake devices must be requested before jax is imported
-    os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+if "--pipeline" in sys.argv and "XLA_FLAGS" not in os.environ:   # before jax is imported
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax                                              # noqa: E402
@@ -38,7 +53,29 @@ from fdistill import checkpoint, modes, train           # noqa: E402
 from fdistill.video import distill as VD                # noqa: E402
 from fdistill.video import hiar, metrics                # noqa: E402
 
-COLUMNS = ("speed", "speed_ratio", "dynamic", "frame_diff", "shape_error", "drift")
+COLUMNS = {                                             # result key -> table heading
+    "speed_ratio": "speed ratio",
+    "dynamic": "dynamic",
+    "shape_error": "shape err",
+    "long/speed_ratio": "long: speed ratio",
+    "long/speed_ratio_last": "last segment",
+    "long/dynamic": "long: dynamic",
+    "drift": "abs drift",
+    "drift/shape_error/relative": "drift shape",
+    "drift/sharpness/relative": "drift sharp",
+    "drift/intensity/relative": "drift intens",
+}
+NO_RETRAINING = "w/o re-training (block-first student, hierarchical sampling)"
+LABELS = {
+    "self_forcing": "Self-Forcing order (block-first, w/o FKL)",
+    "hierarchical": "hierarchical, w/o FKL",
+    "hiar": "HiAR: FKL bidirectional, K=1",
+    "hiar_causal_mask": "FKL block-causal, K=1",
+    "hiar_k2": "FKL bidirectional, K=2",
+    "hiar_k4": "FKL bidirectional, K=4",
+    "hiar_context_tj": "context at t_j",
+    "hiar_js": "Jensen-Shannon + FKL",
+}
 
 
 def load_config(quick: bool, variant: str = "hiar"):
@@ -49,7 +86,7 @@ def load_config(quick: bool, variant: str = "hiar"):
     return get_config(variant)
 
 
-def summarise(values: list[float]) -> str:
+def summarise(values: list) -> str:
     values = [v for v in values if v is not None]
     if not values:
         return "n/a"
@@ -59,50 +96,110 @@ def summarise(values: list[float]) -> str:
 
 
 def table(rows: dict[str, list[dict]]) -> str:
-    header = "| row | " + " | ".join(COLUMNS) + " |"
-    lines = [header, "|" + "---|" * (len(COLUMNS) + 1)]
+    lines = ["| row | " + " | ".join(COLUMNS.values()) + " |", "|" + "---|" * (len(COLUMNS) + 1)]
     for name, runs in rows.items():
         cells = [summarise([r.get(c) for r in runs]) for c in COLUMNS]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def pipeline_timing(student, config, repeats: int = 5) -> dict:
-    """Sequential vs pipelined hierarchical sampling (same video); wall-clock per clip batch."""
+def _strip(out: dict, prefix: str) -> dict:
+    row = {k.split("/", 1)[1]: v for k, v in out.items() if k.startswith(prefix + "/")}
+    if "long/speed_ratio_per_segment" in row:
+        row["long/speed_ratio_last"] = row["long/speed_ratio_per_segment"][-1]
+    return row
+
+
+def data_row(config) -> dict:
+    """The data scored like a student (long clips of the same process, 4x the length)."""
+    t, square = config.data.num_frames, config.data.square
+    ref = modes.data_clips(config)
+    ds = modes.dataset(config, config.eval.num_clips, seed=1234)
+    short = ds.batch(0)["x"]
+    ev = metrics.evaluate_rollout(ds.batch(1, num_frames=t * config.eval.rollout_factor)["x"],
+                                  ref, t, square=square)
+    threshold = metrics.dynamic_threshold(ref, square=square)
+    row = {"speed_ratio": float(metrics.clip_speeds(short, square=square).mean()
+                                / metrics.clip_speeds(ref, square=square).mean()),
+           "dynamic": metrics.dynamic_degree(short, threshold, square=square),
+           "shape_error": float(metrics.shape_error(short, square=square).mean())}
+    row.update({f"long/{k}": v for k, v in ev.items() if not k.startswith(("drift", "data/"))})
+    row.update({k: v for k, v in ev.items() if k.startswith("drift")})
+    row["long/speed_ratio_last"] = ev["speed_ratio_per_segment"][-1]
+    return row
+
+
+def teacher_context_use(teacher, config, sigmas=(1.0, 2.0, 4.0, 8.0), n: int = 128) -> dict:
+    """Does the teacher use the clip's other frames? Its x0 error on frame 0 of noised data
+    clips, with the other frames from the same clip and from another clip (same noise). A
+    teacher that has learnt the motion denoises frame 0 better with its own clip's frames; equal
+    errors mean it denoises each frame alone, and its samples cannot move coherently."""
+    x = modes.dataset(config, n, seed=4321).batch(0)["x"]
+    mixed = np.roll(x, 1, axis=0)
+    mixed[:, 0] = x[:, 0]
+    eps = np.random.default_rng(0).normal(size=x.shape).astype(np.float32)
+    out = {}
+    for s in sigmas:
+        level = np.full((n,), s, np.float32)
+        err = lambda clips: float(np.mean((np.asarray(teacher(clips + s * eps, level))[:, 0]
+                                           - x[:, 0]) ** 2))
+        out[f"sigma={s:g}"] = {"own_clip": err(x), "other_clip": err(mixed)}
+    return out
+
+
+def pipeline_timing(model, config, repeats: int = 5, batch: int = 8) -> dict:
+    """Wall-clock per batch of ``batch`` long clips: block-first, sequential hierarchical and
+    pipelined hierarchical (one device per step) sampling, medians of ``repeats`` after a
+    compiling call; the pipelined video is checked equal to the sequential one."""
     s = config.student
-    sigmas = VD.student_sigmas_of(config, student.process)
-    shape = (8, config.data.num_frames * config.eval.rollout_factor, config.data.size,
+    sigmas = VD.student_sigmas_of(config, model.process)
+    shape = (batch, config.data.num_frames * config.eval.rollout_factor, config.data.size,
              config.data.size, config.data.get("channels", 1))
     noise = hiar.draw_noise(jax.random.key(0), s.num_steps, shape)
-    run_seq = lambda: hiar.sample(student, noise, sigmas, block_size=s.block_size,
-                                  window=s.window).block_until_ready()
-    run_pipe = lambda: hiar.pipelined_hierarchical(student, noise, sigmas,
-                                                   block_size=s.block_size,
-                                                   window=s.window).block_until_ready()
-    seq, pipe = run_seq(), run_pipe()
-    out = {"max_abs_diff": float(np.abs(np.asarray(seq) - np.asarray(pipe)).max()),
-           "devices": [str(d) for d in jax.devices()[:s.num_steps]]}
-    for name, fn in (("sequential_s", run_seq), ("pipelined_s", run_pipe)):
+    kw = dict(block_size=s.block_size, window=s.window)
+    runs = {
+        "block_first_s": lambda: hiar.sample(model, noise, sigmas, order="block_first", **kw),
+        "hierarchical_s": lambda: hiar.sample(model, noise, sigmas, order="hierarchical", **kw),
+        "hierarchical_fused_s": lambda: hiar.sample(model, noise, sigmas, fused=True, **kw),
+        "pipelined_s": lambda: hiar.pipelined_hierarchical(model, noise, sigmas, **kw),
+    }
+    out = {"devices": [str(d) for d in jax.devices()[:s.num_steps]], "batch": batch,
+           "frames": shape[1]}
+    videos = {k: np.asarray(fn().block_until_ready()) for k, fn in runs.items()}
+    for name in ("pipelined_s", "hierarchical_fused_s"):
+        out[f"{name[:-2]}_vs_sequential_max_abs_diff"] = float(
+            np.abs(videos[name] - videos["hierarchical_s"]).max())
+    for name, fn in runs.items():
         times = []
         for _ in range(repeats):
             t0 = time.perf_counter()
-            fn()
+            fn().block_until_ready()
             times.append(time.perf_counter() - t0)
         out[name] = float(np.median(times))
-    out["speedup"] = out["sequential_s"] / out["pipelined_s"]
+    out["speedup_vs_block_first"] = out["block_first_s"] / out["pipelined_s"]
+    out["speedup_vs_sequential_hierarchical"] = out["hierarchical_s"] / out["pipelined_s"]
+    out["fused_speedup_vs_sequential_hierarchical"] = (out["hierarchical_s"]
+                                                       / out["hierarchical_fused_s"])
     return out
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="configs/video_quick.py (CPU minutes)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--seeds", type=int, default=3, help="number of seeds (default 3)")
+    p.add_argument("--first-seed", type=int, default=0,
+                   help="seeds first-seed .. first-seed + seeds - 1 (for runs split over "
+                        "processes; combine with --merge)")
+    p.add_argument("--distill-steps", type=int, default=0,
+                   help="override distill.num_steps (and ckpt_every) for a shortened run")
     p.add_argument("--workdir", default="runs/video_hiar")
+    p.add_argument("--teacher", default="",
+                   help="the teacher's workdir (default <workdir>/teacher; trained or resumed "
+                        "there with the config's teacher settings)")
     p.add_argument("--variants", nargs="*", default=list(VARIANTS),
                    help=f"subset of configs/video.py's VARIANTS: {list(VARIANTS)}")
     p.add_argument("--pipeline", action="store_true",
-                   help="only time the pipelined schedule against the sequential one, with the "
-                        "trained teacher's weights\n(on fake CPU devices: not a real speedup)")
+                   help="only time block-first, sequential hierarchical and pipelined sampling")
     p.add_argument("--merge", nargs="+", metavar="JSON",
                    help="combine the rows of finished runs into one table and exit")
     args = p.parse_args(argv)
@@ -115,63 +212,79 @@ def main(argv=None):
     os.makedirs(args.workdir, exist_ok=True)
     t_start = time.time()
 
-    teacher_dir = os.path.join(args.workdir, "teacher")
-    modes.train_teacher(config, teacher_dir)
+    teacher_dir = args.teacher or os.path.join(args.workdir, "teacher")
+    done = False
+    if os.path.isdir(os.path.join(teacher_dir, "checkpoints")):
+        with checkpoint.Checkpointer(os.path.join(teacher_dir, "checkpoints")) as ckpt:
+            done = config.training.num_steps in ckpt.all_steps()
+    if not done:
+        modes.train_teacher(config, teacher_dir)
     teacher, _ = modes.load_teacher(config, teacher_dir)
     t_teacher = time.time() - t_start
     if args.pipeline:
         timing = pipeline_timing(teacher, config)
-        print("pipelined vs sequential hierarchical sampling:", json.dumps(timing))
+        print("sampling timings:", json.dumps(timing, indent=1))
         with open(os.path.join(args.workdir, "video_hiar_pipeline.json"), "w") as f:
             json.dump(timing, f, indent=2)
         return timing
 
-    ds = modes.dataset(config, config.eval.num_clips, seed=1234)
-    data_row = metrics.motion_stats(ds.batch(0)["x"], square=config.data.square)
-    data_long = ds.batch(1, num_frames=config.data.num_frames * config.eval.rollout_factor)["x"]
-    data_row["drift"] = metrics.drift(data_long, config.data.num_frames,
-                                      square=config.data.square)["slope"]
-    data_row["speed_ratio"] = 1.0
-    rows: dict[str, list[dict]] = {"data": [data_row], "teacher (Heun, bidirectional)": [],
+    context_use = teacher_context_use(teacher, config)
+    print("teacher: frame-0 x0 error with its own clip's other frames vs another clip's:",
+          json.dumps(context_use), flush=True)
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+    rows: dict[str, list[dict]] = {"data": [data_row(config)], "teacher (Heun, bidirectional)": [],
                                    "ODE-init student (hierarchical)": []}
-    rows.update({name: [] for name in args.variants})
+    for name in args.variants:
+        rows[LABELS[name]] = []
+        if name == "self_forcing":
+            rows[NO_RETRAINING] = []
     timings: dict[str, list[float]] = {name: [] for name in args.variants}
-    strip = lambda out, prefix: {k.split("/", 1)[1]: v for k, v in out.items()
-                                 if k.startswith(prefix + "/")}
 
-    for seed in args.seeds:
+    for seed in seeds:
         cfg = config.copy_and_resolve_references()
         cfg.seed = seed
         cfg.sampling.num_samples = cfg.sampling.batch_size = cfg.eval.num_clips
         rows["teacher (Heun, bidirectional)"].append(
-            strip(modes.sample_teacher(cfg, teacher_dir), "sample"))
+            _strip(modes.sample_teacher(cfg, teacher_dir), "sample"))
         init_dir = os.path.join(args.workdir, f"init_seed{seed}")
         for name in args.variants:
             vcfg = load_config(args.quick, name)
             vcfg.seed = seed
             vcfg.distill.teacher_workdir = teacher_dir
             vcfg.distill.init_workdir = init_dir
+            if args.distill_steps:
+                vcfg.distill.num_steps = vcfg.distill.ckpt_every = args.distill_steps
+                vcfg.distill.log_every = min(vcfg.distill.log_every, args.distill_steps)
             vdir = os.path.join(args.workdir, f"{name}_seed{seed}")
             t0 = time.time()
-            row = strip(modes.distill(vcfg, vdir), "student")
+            row = _strip(modes.distill(vcfg, vdir), "student")
             timings[name].append(time.time() - t0)
-            rows[name].append(row)
-            print(f"seed {seed} | {name}: " + ", ".join(f"{k}={row[k]:.3g}" for k in COLUMNS
-                                                          if k in row), flush=True)
-        init = _initialised_student(vcfg, teacher, init_dir)
-        rows["ODE-init student (hierarchical)"].append(strip(modes.video_student_report(
-            vcfg, init_dir, init, prefix="init", order="hierarchical"), "init"))
+            rows[LABELS[name]].append(row)
+            print(f"seed {seed} | {LABELS[name]}: " + ", ".join(
+                f"{COLUMNS[k]}={row[k]:.3g}" for k in COLUMNS if k in row), flush=True)
+            if name == "self_forcing":                  # the same weights, sampled step-first
+                distillation, state = modes.load_student(vcfg, vdir)
+                rows[NO_RETRAINING].append(_strip(modes.video_student_report(
+                    vcfg, vdir, distillation.denoiser(state["student_ema"]), prefix="student",
+                    order="hierarchical", name="rollout_hierarchical"), "student"))
+        icfg = load_config(args.quick)                  # HiAR's sampler: context t_{j+1}
+        icfg.seed = seed
+        init = _initialised_student(icfg, teacher, init_dir)
+        rows["ODE-init student (hierarchical)"].append(_strip(modes.video_student_report(
+            icfg, init_dir, init, prefix="init", order="hierarchical"), "init"))
 
     text = table(rows)
-    print("\n" + text)
-    summary = {"config": "video_quick" if args.quick else "video", "seeds": args.seeds,
-               "rows": rows, "distill_seconds": timings, "teacher_seconds": t_teacher,
+    print(f"\nseeds {seeds}\n" + text)
+    summary = {"config": "video_quick" if args.quick else "video", "seeds": seeds,
+               "distill_steps": args.distill_steps or int(config.distill.num_steps),
+               "rows": rows, "teacher_context_use": context_use,
+               "distill_seconds": timings, "teacher_seconds": t_teacher,
                "total_seconds": time.time() - t_start}
-    name = os.path.join(args.workdir, "video_hiar_seeds" + "_".join(map(str, args.seeds)))
+    name = os.path.join(args.workdir, "video_hiar_seeds" + "_".join(map(str, seeds)))
     with open(name + ".json", "w") as f:
         json.dump(summary, f, indent=2)
     with open(name + ".md", "w") as f:
-        f.write(text + "\n")
+        f.write(f"seeds {seeds}\n\n{text}\n")
     print(f"\ntotal {summary['total_seconds']:.0f}s; wrote {name}.json")
     return summary
 

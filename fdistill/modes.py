@@ -272,9 +272,11 @@ def sample_report(config, x: np.ndarray, prefix: str) -> dict:
         return {f"{prefix}/{k}": v for k, v in toy_metrics(config, x).items()}
     if is_video(config):
         square = config.data.get("square", 4.0)
-        stats = video_metrics.motion_stats(x, square=square)
+        data = data_clips(config)
+        threshold = video_metrics.dynamic_threshold(data, square=square)
+        stats = video_metrics.motion_stats(x, square=square, threshold=threshold)
         stats["speed_ratio"] = stats["speed"] / video_metrics.motion_stats(
-            data_clips(config), square=square)["speed"]
+            data, square=square)["speed"]
         return {f"{prefix}/{k}": float(v) for k, v in stats.items()}
     return {}
 
@@ -435,31 +437,32 @@ def build_distillation(config, teacher, mesh, *, student=None) -> distill_lib.Di
     image student (one/few steps) or a video student (self-rollout + the motion regulariser)."""
     dc = config.distill
     process = teacher.process
+    noise = objective_lib.GridNoise(
+        objective_lib.karras_noise_grid(process, dc.num_noise_steps, dc.rho),
+        tuple(dc.index_range))
     if is_video(config):
         s = config.student
         constrain = lambda x, axis=0: jax.lax.with_sharding_constraint(
             x, jax.sharding.NamedSharding(
                 mesh, jax.sharding.PartitionSpec(*((None,) * axis + (sharding.DATA_AXIS,)))))
+        sigmas = tuple(float(v) for v in video_distill.student_sigmas_of(config, process))
         generator = video_distill.SelfRollout(
-            tuple(float(v) for v in video_distill.student_sigmas_of(config, process)),
-            block_size=int(s.block_size), window=int(s.window), order=dc.order,
-            constrain=constrain)
+            sigmas, block_size=int(s.block_size), window=int(s.window), order=dc.order,
+            context=s.get("context", "output"), constrain=constrain)
         extra = ()
         if dc.fkl_weight > 0:
-            extra = (video_distill.MotionRegulariser(float(dc.fkl_weight), float(process.sigma_max),
-                                                     mask=dc.fkl_mask,
-                                                     block_size=int(s.block_size)),)
+            extra = (video_distill.MotionRegulariser(
+                float(dc.fkl_weight), sigmas, num_constrained=int(dc.get("fkl_steps", 1)),
+                target=dc.get("fkl_target", "chord"), mask=dc.fkl_mask,
+                block_size=int(s.block_size)),)
+        noise = video_distill.noise_of(dc, noise)
     else:
         generator = student_lib.FewStep(student_lib.student_sigmas(
             process, dc.student_steps, dc.get("student_sigmas")))
         extra = ()
     objective = objective_lib.FDivergenceObjective(
         divergence=divergences.get(dc.divergence, **dict(dc.get("divergence_params", {}) or {})),
-        generator=generator,
-        noise=objective_lib.GridNoise(
-            objective_lib.karras_noise_grid(process, dc.num_noise_steps, dc.rho),
-            tuple(dc.index_range)),
-        process=process, feature_source=dc.feature_source, guidance_scale=dc.guidance_scale,
+        generator=generator, noise=noise, process=process, feature_source=dc.feature_source, guidance_scale=dc.guidance_scale,
         gan_weight=dc.gan_weight, r1_weight=dc.r1_weight, r1_alpha=dc.r1_alpha,
         r1_perturb=dc.get("r1_perturb", "clean"), logit_clip=dc.logit_clip, r_min=dc.r_min, r_max=dc.r_max, normalize_r=dc.normalize_r,
         ratio_bins=dc.ratio_bins, ratio_ema_rate=dc.ratio_ema_rate, normalize_h=dc.normalize_h,
@@ -600,26 +603,36 @@ def _video_student_report(config, workdir, distillation, params, prefix) -> dict
 
 def video_student_report(config, workdir: str, student, *, prefix: str,
                          order: str | None = None, name: str = "student_rollout") -> dict:
-    """Motion of a video student's clips at the training length (against the data's) and drift
-    over a rollout ``eval.rollout_factor`` times longer (sliding KV window); the long rollout is
-    saved as ``<name>.gif``."""
+    """Motion of a video student's clips at the training length (against the data's), and motion
+    and drift over a rollout ``eval.rollout_factor`` (>= 4) times longer (sliding KV window), as
+    `video.metrics.evaluate_rollout` measures them: ``<prefix>/long/...`` (speed ratio overall
+    and per segment, dynamic degree, quality measures) and ``<prefix>/drift...`` (relative
+    change of each quality measure over the rollout; ``<prefix>/drift`` their mean magnitude).
+    The long rollout is saved as ``<name>.gif``."""
     from fdistill.video import hiar
     s, e = config.student, config.eval
     order = order or config.distill.order
+    context = s.get("context", "output")
     sigmas = video_distill.student_sigmas_of(config, student.process)
     shape = (int(e.num_clips),) + data.example_shape(config.data)
     k_short, k_long = jax.random.split(jax.random.key(config.seed + 3))
-    short = np.asarray(hiar.sample(student, hiar.draw_noise(k_short, s.num_steps, shape), sigmas,
-                                   block_size=s.block_size, window=s.window, order=order))
-    long_shape = (shape[0], shape[1] * int(e.rollout_factor), *shape[2:])
-    long = np.asarray(hiar.sample(student, hiar.draw_noise(k_long, s.num_steps, long_shape),
-                                  sigmas, block_size=s.block_size, window=s.window, order=order))
+    run = lambda key, shp: np.asarray(hiar.sample(
+        student, hiar.draw_noise(key, s.num_steps, shp), sigmas, block_size=s.block_size,
+        window=s.window, order=order, context=context))
+    short = run(k_short, shape)
+    long = run(k_long, (shape[0], shape[1] * int(e.rollout_factor), *shape[2:]))
     row = sample_report(config, short, prefix)
-    row[f"{prefix}/drift"] = float(video_metrics.drift(long, config.data.num_frames,
-                                                       square=config.data.square)["slope"])
+    ev = video_metrics.evaluate_rollout(long, data_clips(config), config.data.num_frames,
+                                        square=config.data.get("square", 4.0))
+    for k, v in ev.items():
+        if k.startswith("drift"):
+            row[f"{prefix}/{k}"] = v
+        elif not k.startswith("data/") and k != "threshold":
+            row[f"{prefix}/long/{k}"] = v
     save_samples(config, workdir, long, name)
     _print(f"student ({s.num_steps} steps, {order}): " + "  ".join(
-        f"{k.split('/')[-1]}={v:.4g}" for k, v in row.items()))
+        f"{k.split('/', 1)[-1]}={v:.4g}" for k, v in row.items()
+        if isinstance(v, float) and "/slope" not in k and "/change" not in k))
     return row
 
 

@@ -126,6 +126,12 @@ def _distillation(c: _Checks) -> None:
     c.integer("distill.ode_init_steps", 0)
     c.integer("distill.eval_every", 0)
     c.fraction("distill.ema_rate")
+    c.positive("distill.timestep_shift")
+    c.integer("distill.fkl_steps", 1)
+    k, steps = _get(c.config, "distill.fkl_steps"), _get(c.config, "student.num_steps")
+    if _count(k) and _count(steps) and k > steps:
+        c._report("distill.fkl_steps", k, f"must be <= config.student.num_steps = {steps} (K "
+                  f"constrained steps among the student's)")
     c.multiple("distill.eval_every", "distill.log_every")
     if _count(_get(c.config, "distill.eval_every")):
         c.integer("eval.periodic_num_samples", 1)

@@ -69,7 +69,7 @@ def _batch(c, pairs=None, seed=5):
     real = jax.random.normal(jax.random.key(seed), (4, T, SIZE, SIZE, 1))
     batch = {"x": real, "label": None}
     if pairs is not None:
-        batch["fkl"] = {"x_T": pairs["states"][:4, 0], "x0": pairs["x0"][:4]}
+        batch["fkl"] = {"states": pairs["states"][:4], "x0": pairs["x0"][:4]}
     return batch
 
 
@@ -126,11 +126,100 @@ def test_regulariser_pairs_and_mask_switch():
                                80.0 * jax.random.normal(jax.random.fold_in(jax.random.key(0), 0),
                                                         (4, T, SIZE, SIZE, 1)), rtol=1e-6)
     batch = _batch(c, pairs)
-    bi = VD.MotionRegulariser(1.0, 80.0, mask="bidirectional")(student, None, batch)[0]
-    bc = VD.MotionRegulariser(1.0, 80.0, mask="block_causal", block_size=BS)(student, None, batch)[0]
+    key = jax.random.key(0)
+    sig = tuple(float(v) for v in sigmas)
+    bi = VD.MotionRegulariser(1.0, sig, mask="bidirectional")(student, key, batch)[0]
+    bc = VD.MotionRegulariser(1.0, sig, mask="block_causal", block_size=BS)(student, key, batch)[0]
     assert abs(float(bi) - float(bc)) > 1e-4
     with pytest.raises(ValueError, match="valid: bidirectional, block_causal"):
-        VD.MotionRegulariser(1.0, 80.0, mask="causal")
+        VD.MotionRegulariser(1.0, sig, mask="causal")
+    with pytest.raises(ValueError, match="valid: chord, end_point"):
+        VD.MotionRegulariser(1.0, sig, target="x0")
+    with pytest.raises(ValueError, match=r"K = 3 must lie in \[1, 2\]"):
+        VD.MotionRegulariser(1.0, sig, num_constrained=3)
+
+
+class RecordingStudent:
+    """Returns zeros and records what the regulariser asks of the student."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, x, sigma, *, attention, block_size):
+        self.calls.append((np.asarray(x), np.asarray(sigma), attention, block_size))
+        return jnp.zeros_like(x)
+
+
+def test_regulariser_regresses_onto_the_chord_of_a_constrained_step():
+    """Paper Eq. 10 on a trajectory with known states: with a zero prediction the loss is the
+    mean square of the target, the line through (sigma_k, x_k) and (sigma_{k+1}, x_{k+1}) at
+    sigma = 0 (x_k - sigma_k (x_{k+1} - x_k) / (sigma_{k+1} - sigma_k)), or the end point;
+    K = 1 always constrains step 0 from the pure-noise state, K = 2 steps 0 and 1 equally often,
+    and the mask reaches the student."""
+    sig = (80.0, 10.0, 2.0, 0.0)
+    rng = np.random.default_rng(0)
+    x0 = rng.normal(size=(3, T, SIZE, SIZE, 1)).astype(np.float32)
+    z = rng.normal(size=x0.shape).astype(np.float32)
+    # a curved path: x(sigma) = x0 + sigma z + 0.01 sigma^2 z^2 (not a straight line in sigma)
+    states = np.stack([x0 + s * z + 0.01 * s ** 2 * z ** 2 for s in sig[:-1]], axis=1)
+    batch = {"fkl": {"states": states, "x0": x0}}
+    chord = lambda k: states[:, k] - sig[k] * ((states[:, k + 1] if k + 1 < 3 else x0)
+                                              - states[:, k]) / (sig[k + 1] - sig[k])
+    for target, expected in (("chord", chord(0)), ("end_point", x0)):
+        student = RecordingStudent()
+        reg = VD.MotionRegulariser(0.1, sig, target=target, mask="block_causal", block_size=BS)
+        loss, m = reg(student, jax.random.key(1), batch)
+        np.testing.assert_allclose(float(m["student/loss_fkl"]), np.mean(expected ** 2),
+                                   rtol=1e-5)
+        np.testing.assert_allclose(float(loss), 0.1 * np.mean(expected ** 2), rtol=1e-5)
+        x, sigma, attention, block_size = student.calls[0]
+        np.testing.assert_array_equal(x, states[:, 0])
+        assert np.all(sigma == 80.0) and sigma.shape == (3, T)
+        assert (attention, block_size) == ("block_causal", BS)
+    student = RecordingStudent()
+    reg = VD.MotionRegulariser(1.0, sig, num_constrained=2)
+    seen = {80.0: 0, 10.0: 0}
+    for i in range(40):
+        loss, _ = reg(student, jax.random.key(i), batch)
+        level = float(student.calls[-1][1][0, 0])
+        seen[level] += 1
+        k = 0 if level == 80.0 else 1
+        np.testing.assert_allclose(float(loss), np.mean(chord(k) ** 2), rtol=1e-5)
+    assert set(seen) == {80.0, 10.0} and min(seen.values()) >= 10
+
+
+def test_critic_and_distribution_matching_share_the_noise_distribution():
+    """The fake score is trained on the sigma distribution the distribution-matching loss
+    queries it with: both losses draw from the objective's one noise object (HiAR's shifted
+    distribution by default for video, the Karras grid as an option)."""
+    import dataclasses
+    from fdistill.video import fkl
+    c = tiny_config()
+    c.student.num_steps = 1
+    c.distill.fkl_weight = 0.0
+    teacher = tiny_denoiser(0, depth=1)
+    d = _distillation(c, teacher)
+    assert d.objective.noise == fkl.ShiftedNoise(5.0)
+    c.distill.noise_schedule = "karras_grid"
+    from fdistill import objective as objective_lib
+    assert isinstance(_distillation(c, teacher).objective.noise, objective_lib.GridNoise)
+    drawn = []
+
+    def noise(key, n):
+        drawn.append(n)
+        return jnp.full((n,), 7.0)
+
+    obj = dataclasses.replace(d.objective, noise=noise)
+    st = d.initial_state
+    net = d.denoiser(st["student"])
+    obj.student_loss(net, net, net, d.discriminator(st["disc"]), jax.random.key(0), _batch(c),
+                     st["ratio_ema"])
+    assert drawn == [4]
+    obj.critic_loss(net, d.discriminator(st["disc"]), net, net, jax.random.key(1), _batch(c))
+    assert drawn == [4, 4, 4]        # student samples for the fake score, real data for D
+    c.distill.noise_schedule = "lognormal"
+    with pytest.raises(ValueError, match="valid: shifted, karras_grid"):
+        _distillation(c, teacher)
 
 
 def test_bad_distillation_configs():
@@ -148,9 +237,9 @@ def test_bad_distillation_configs():
         _distillation(bad, teacher)
 
 
-def _fkl(student, pairs):
-    return float(VD.MotionRegulariser(1.0, 80.0)(student, None, {
-        "fkl": {"x_T": pairs["states"][:, 0], "x0": pairs["x0"]}})[0])
+def _fkl(student, pairs, sigmas):
+    return float(VD.MotionRegulariser(1.0, tuple(float(v) for v in sigmas))(
+        student, jax.random.key(0), {"fkl": pairs})[0])
 
 
 def test_end_to_end_through_the_command_line(tmp_path):
@@ -179,7 +268,10 @@ def test_end_to_end_through_the_command_line(tmp_path):
     d.teacher_workdir = teacher_dir
     out = main.run(c, student_dir, "distill")
     assert out["steps"] == 4 and np.isfinite(out["final/critic/loss_dsm"])
-    assert all(np.isfinite(out[f"student/{k}"]) for k in ("speed", "dynamic", "drift"))
+    assert all(np.isfinite(out[f"student/{k}"]) for k in (
+        "speed", "dynamic", "drift", "long/speed_ratio", "long/dynamic",
+        "drift/shape_error/relative", "drift/sharpness/relative", "drift/intensity/relative"))
+    assert len(out["student/long/speed_ratio_per_segment"]) == c.eval.rollout_factor
     assert os.path.exists(os.path.join(student_dir, "student_rollout.gif"))
 
     teacher, _ = modes.load_teacher(c, teacher_dir)
@@ -195,7 +287,8 @@ def test_end_to_end_through_the_command_line(tmp_path):
                                                         block_size=BS)[0])
     assert init_step == 8 and regression(initialised) < regression(teacher)
     distillation, state = modes.load_student(workdir_lib.read_config(student_dir), student_dir)
-    assert _fkl(distillation.denoiser(state["student_ema"]), pairs) < _fkl(initialised, pairs)
+    assert (_fkl(distillation.denoiser(state["student_ema"]), pairs, sigmas)
+            < _fkl(initialised, pairs, sigmas))
 
     again = main.run(c, student_dir, "sample")               # the student, not the teacher
     assert again["sample/speed"] == pytest.approx(out["student/speed"])
@@ -229,8 +322,8 @@ for run, settings in {"js": dict(divergence="jensen_shannon", gan_weight=0.1, no
     c.student.num_steps = 1
     c.distill.update(fkl_weight=0.1, **settings)
     ds = get_video_dataset(c.data, global_batch_size=c.distill.batch_size, seed=0)
-    z = 80.0 * jax.random.normal(k_z, (4, *ds.shape))
-    pairs = {"x_T": np.asarray(z), "x0": np.asarray(jax.random.normal(k_x0, z.shape))}
+    z = 80.0 * jax.random.normal(k_z, (4, 1, *ds.shape))
+    pairs = {"states": np.asarray(z), "x0": np.asarray(jax.random.normal(k_x0, z[:, 0].shape))}
     for n in (1, 2):
         mesh = Mesh(np.asarray(jax.devices()[:n]), ("data",), axis_types=(AxisType.Auto,))
         d = modes.build_distillation(c, teacher, mesh)
@@ -260,3 +353,31 @@ def test_video_distillation_matches_on_one_and_two_devices():
     last = out["js1"][-1]
     assert last["critic/loss_d"] > 0 and last["critic/loss_dsm"] != 0.0
     assert out["js1"][0]["student/loss_gan"] > 0
+
+
+def test_video_configs_rows_and_their_validation():
+    """The ablation's rows set what they name; the evaluated student is the trained one (its
+    EMA horizon 1 / (1 - rate) is well under the run's iterations); bad regulariser values are
+    reported by field before anything compiles."""
+    from configs import video, video_quick
+    from fdistill import validation
+    for module in (video, video_quick):
+        c = module.get_config()
+        d = c.distill
+        assert (d.fkl_target, d.fkl_steps, d.noise_schedule, d.timestep_shift) == (
+            "chord", 1, "shifted", 5.0)
+        assert 1.0 / (1.0 - d.ema_rate) <= d.num_steps / 10, module.__name__
+        assert validation.problems(c, "distill") == []
+    rows = {name: video.get_config(name) for name in video.VARIANTS}
+    assert rows["hiar_k4"].distill.fkl_steps == 4 and rows["hiar_k2"].distill.fkl_steps == 2
+    assert rows["hiar_context_tj"].student.context == "input"
+    assert rows["hiar"].student.context == "output"
+    assert rows["self_forcing"].distill.order == "block_first"
+    assert rows["hiar_causal_mask"].distill.fkl_mask == "block_causal"
+    assert rows["hierarchical"].distill.fkl_weight == 0.0 < rows["hiar_js"].distill.fkl_weight
+    bad = video.get_config()
+    bad.distill.fkl_steps, bad.distill.timestep_shift = 5, 0.0
+    found = validation.problems(bad, "distill")
+    assert any("distill.fkl_steps = 5: must be <= config.student.num_steps = 4" in p
+               for p in found), found
+    assert any("distill.timestep_shift = 0.0" in p for p in found), found

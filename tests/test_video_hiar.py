@@ -23,9 +23,10 @@ def _noise(seed=0, t=T):
     return hiar.draw_noise(jax.random.key(seed), S, (2, t, SIZE, SIZE, 1))
 
 
-def reference_hierarchical(model, noise, sigmas, window):
+def reference_hierarchical(model, noise, sigmas, window, context="output"):
     """HiAR's step-first order written as plain loops: the x0 of every step, and each step's
-    per-block (input, cache) pairs."""
+    per-block (input, cache) pairs. The cache holds each block at its step's output level
+    (``context='output'``, t_{j+1}) or its input level (``'input'``, t_j)."""
     nb = noise.shape[2] // BS
     blk = lambda a, b: a[:, b * BS:(b + 1) * BS]
     x = [sigmas[0] * blk(noise[0], b) for b in range(nb)]
@@ -39,7 +40,8 @@ def reference_hierarchical(model, noise, sigmas, window):
             level = lambda s: jnp.full((2, BS), s)
             x0, _ = model.cached(x[b], level(sigmas[j]), cache, frame_offset=b * BS)
             x_out = x0 + sigmas[j + 1] * blk(noise[min(j + 1, S - 1)], b)
-            _, kv = model.cached(x_out, level(sigmas[j + 1]), cache, frame_offset=b * BS)
+            ctx, ctx_level = (x_out, sigmas[j + 1]) if context == "output" else (x[b], sigmas[j])
+            _, kv = model.cached(ctx, level(ctx_level), cache, frame_offset=b * BS)
             cache = V.append_to_cache(cache, kv)
             x[b] = x_out
             x0s.append(x0)
@@ -78,6 +80,21 @@ def test_hierarchical_sampler_equals_reference_loop(window):
     got = hiar.sample(model, noise, SIGMAS, block_size=BS, window=window, order="hierarchical")
     ref = reference_hierarchical(model, noise, SIGMAS, window)
     np.testing.assert_allclose(got, ref[0][-1], atol=1e-5)
+
+
+def test_context_at_the_input_level_equals_its_reference_loop():
+    """The t_j ablation: context blocks at their step's input level (one pass per cell, the
+    denoising pass's keys/values) gives the plain loop's video, not the t_{j+1} one."""
+    model = tiny_denoiser(5, depth=1)
+    noise = _noise(5)
+    got = hiar.sample(model, noise, SIGMAS, block_size=BS, window=T, context="input")
+    np.testing.assert_allclose(got, reference_hierarchical(model, noise, SIGMAS, T,
+                                                           "input")[0][-1], atol=1e-5)
+    out = hiar.sample(model, noise, SIGMAS, block_size=BS, window=T, context="output")
+    np.testing.assert_allclose(got[:, :BS], out[:, :BS], atol=1e-5)    # block 0: no context
+    assert jnp.abs(got[:, BS:] - out[:, BS:]).max() > 1e-3
+    with pytest.raises(ValueError, match="valid: output, input"):
+        hiar.sample(model, noise, SIGMAS, block_size=BS, window=T, context="clean")
 
 
 def test_block_first_sampler_equals_reference_loop_and_differs_from_hierarchical():
@@ -192,3 +209,18 @@ def test_pipelined_schedule_gives_the_same_video_as_sequential():
     assert out.returncode == 0, out.stderr[-3000:]
     diff = float(out.stdout.split("MAXDIFF")[1])
     assert diff <= 1e-6, diff
+
+
+@pytest.mark.parametrize("window", [T, 2 * BS, BS])
+def test_fused_passes_give_the_sequential_video(window):
+    """HiAR's fused pass (a block's cache write and the next block's denoising in one pass over
+    both, per-frame sigma) yields the cell-by-cell video, past the training length and with a
+    sliding window (one block: no context at all)."""
+    model = tiny_denoiser(6, depth=2)
+    noise = _noise(6, t=3 * T)
+    plain = hiar.sample(model, noise, SIGMAS, block_size=BS, window=window)
+    fused = hiar.sample(model, noise, SIGMAS, block_size=BS, window=window, fused=True)
+    np.testing.assert_allclose(fused, plain, atol=2e-5)
+    with pytest.raises(ValueError, match="fused pass is for hierarchical"):
+        hiar.sample(model, noise, SIGMAS, block_size=BS, window=window, fused=True,
+                    context="input")

@@ -7,7 +7,8 @@ Self-Forcing for the causal student):
 - ``'block_causal'``: frames are grouped in blocks of ``block_size``; a query frame sees all
   frames of its own block and of earlier blocks (the student, trained on whole clips);
 - ``'cached'``: the causal inference form of ``'block_causal'``: one block of frames attends to
-  itself and to the keys/values of earlier blocks held in a KV cache. The cache is a sliding
+  itself and to the keys/values of earlier blocks held in a KV cache (or, with ``block_size``,
+  a chunk of consecutive blocks, block-causal among themselves: HiAR's fused pass). The cache is a sliding
   window of ``window`` frames (current block included), so rollouts can run past the training
   length: with ``window`` >= the clip length the result equals the block-causal forward pass.
 
@@ -212,15 +213,13 @@ class VideoTransformer(nnx.Module):
         self._check_input(x, noise_labels)
         b, t = x.shape[:2]
         n = self.tokens_per_frame
-        check_attention(attention, t, t if attention == "cached" else block_size)
+        check_attention(attention, t, (block_size or t) if attention == "cached" else block_size)
         if attention == "cached":
             if cache is None:
                 raise ValueError("attention='cached' needs a cache (see empty_cache).")
             if return_features:
                 raise ValueError("features are only returned by the full-clip modes.")
-            ctx = cache["valid"].shape[0]
-            mask = jnp.concatenate([jnp.broadcast_to(cache["valid"], (t * n, ctx)),
-                                    jnp.ones((t * n, t * n), bool)], axis=1)
+            mask = _cached_mask(cache["valid"], t, n, block_size or t)
         else:
             if cache is not None:
                 raise ValueError(f"a cache is only used with attention='cached', not "
@@ -248,6 +247,19 @@ class VideoTransformer(nnx.Module):
     def feature_channels(self) -> dict[int, int]:
         """Features returned with ``return_features``: per-frame token means ``{0: [B, T, dim]}``."""
         return {0: self.dim}
+
+
+def _cached_mask(valid, num_frames: int, tokens: int, block_size: int):
+    """``[F*N, ctx + F*N]``: a chunk of ``F / block_size`` blocks against the cache. Every block
+    of the chunk sees the same sliding window of context as it would alone: the chunk's earlier
+    blocks within the window (block-causal), and the cache without its oldest ``i * block_size``
+    frames for block i (the chunk's earlier blocks take those frames' places)."""
+    ctx = valid.shape[0]
+    block = np.repeat(np.arange(num_frames) // block_size, tokens)            # [F*N]
+    back = (block[:, None] - block[None, :]) * block_size * tokens            # tokens back
+    own = (back >= 0) & (back <= ctx)                      # earlier chunk blocks in the window
+    skip = np.arange(ctx)[None, :] >= (block * block_size * tokens)[:, None]  # [F*N, ctx]
+    return jnp.concatenate([jnp.asarray(skip) & valid[None, :], jnp.asarray(own)], axis=1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,11 +341,13 @@ class VideoDenoiser(nnx.Module):
             return c_skip * x_t + c_out * out[0], out[1]
         return c_skip * x_t + c_out * out
 
-    def cached(self, x_t, sigma, cache: dict, *, frame_offset=0):
-        """One block against the KV cache: ``(x0_hat, kv)``; ``kv`` goes to ``append_to_cache``."""
+    def cached(self, x_t, sigma, cache: dict, *, frame_offset=0, block_size=None):
+        """One block against the KV cache: ``(x0_hat, kv)``; ``kv`` goes to ``append_to_cache``.
+        With ``block_size``, ``x_t`` may hold several consecutive blocks, each with its own
+        per-frame sigma, computed as if one after the other (see ``_cached_mask``)."""
         c_skip, c_out, c_in, c_noise = self._coefs(x_t, sigma)
         out, kv = self.net(c_in * x_t, c_noise, attention="cached", cache=cache,
-                           frame_offset=frame_offset)
+                           frame_offset=frame_offset, block_size=block_size)
         return c_skip * x_t + c_out * out, kv
 
 

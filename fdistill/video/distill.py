@@ -6,11 +6,12 @@ three pieces injected:
 - `SelfRollout`, the generator: the student generates whole clips with its own autoregressive
   rollout (`hiar.rollout`, hierarchical or block-first), stopping at one random step shared by
   all blocks, through which alone the gradient flows (self-rollout training).
-- `MotionRegulariser`, an extra student term (HiAR's forward-KL regulariser): the teacher samples
-  ODE pairs from its own trajectories (no real data); the student's one-step prediction from
-  pure noise sigma_max z, with attention `mask` over the whole clip ('bidirectional' as in the
-  paper, 'block_causal' as in its released code), regresses onto the pair's x0:
-  L_FKL = ||G(sigma_max z) - x0||^2, weight `fkl_weight` (0.1).
+- `MotionRegulariser`, an extra student term (HiAR's forward-KL regulariser, Eq. 10): the
+  teacher samples ODE trajectories of its own (no real data); at one of the student's first K
+  steps k (drawn per iteration), the student's prediction from the trajectory state at sigma_k,
+  with attention `mask` over the whole clip ('bidirectional' as in the paper, 'block_causal' as
+  in its released code), regresses onto the teacher's chord to the next checkpoint extended to
+  sigma = 0 (`fkl.chord_x0`; the ODE end point as an option), weight `fkl_weight` (0.1).
 - the teacher's ODE pairs and the ODE-regression initialisation of the student (CausVid): for
   each block a random student level j, input the teacher's ODE state at sigma_j, target the
   ODE's end point.
@@ -31,9 +32,10 @@ from flax import nnx
 
 from fdistill import sampling, sharding, train
 from fdistill.models.video import check_attention, check_window
-from fdistill.video import hiar
+from fdistill.video import fkl, hiar
 
 FKL_MASKS = ("bidirectional", "block_causal")
+NOISE_SCHEDULES = ("shifted", "karras_grid")
 
 
 def student_sigmas_of(config, process) -> np.ndarray:
@@ -43,23 +45,39 @@ def student_sigmas_of(config, process) -> np.ndarray:
                             rho=process.rho)
 
 
+def noise_of(dc, grid_noise):
+    """The noise distribution of the distribution-matching loss and of the critic (one object,
+    so the critic is trained on the levels the loss queries it on): ``dc.noise_schedule``
+    ``'shifted'`` (HiAR / Self-Forcing's timestep shift ``dc.timestep_shift``, `fkl.ShiftedNoise`)
+    or ``'karras_grid'`` (``grid_noise``, f-distill's image schedule)."""
+    schedule = dc.get("noise_schedule", "karras_grid")
+    if schedule not in NOISE_SCHEDULES:
+        raise ValueError(f"unknown config.distill.noise_schedule {schedule!r}; valid: "
+                         f"{', '.join(NOISE_SCHEDULES)}.")
+    if schedule == "shifted":
+        return fkl.ShiftedNoise(float(dc.get("timestep_shift", 5.0)))
+    return grid_noise
+
+
 # ---------------------------------------------------------------------------------------------
 # The generator: self-rollout.
 
 @dataclasses.dataclass(frozen=True)
 class SelfRollout:
     """The block-causal video student as a `Generator`: a rollout over ``sigmas`` (S + 1 levels
-    ending in 0) in ``order``; training samples exit at one random step shared by all blocks.
+    ending in 0) in ``order`` with the hierarchical order's ``context`` level; training samples exit at one random step shared by all blocks.
     ``constrain`` (optional) places self-drawn noise like the batch (data parallel)."""
 
     sigmas: tuple[float, ...]
     block_size: int
     window: int
     order: str = "hierarchical"
+    context: str = "output"
     constrain: Callable | None = None
 
     def __post_init__(self):
         hiar.check_order(self.order)
+        hiar.check_context(self.context)
         check_window(self.window, self.block_size)
 
     @property
@@ -76,7 +94,7 @@ class SelfRollout:
         exit_step = (jax.random.randint(k_exit, (), 0, len(self.sigmas) - 1) if train else None)
         return hiar.rollout(student, noise, np.asarray(self.sigmas, np.float32),
                             block_size=self.block_size, window=self.window, order=self.order,
-                            exit_step=exit_step)
+                            exit_step=exit_step, context=self.context)
 
     def training_sample(self, student, key, batch):
         return self._rollout(student, key, batch, train=True)
@@ -92,11 +110,21 @@ class SelfRollout:
 
 @dataclasses.dataclass(frozen=True)
 class MotionRegulariser:
-    """weight * ||G(x_T, sigma_max; mask) - sg(x0)||^2 on the pairs ``batch['fkl']``
-    (``{'x_T': [B, T, ...], 'x0': [B, T, ...]}``, the teacher's ODE start and end points)."""
+    """HiAR's forward-KL regulariser (Sec. 4, Eq. 10) on the teacher's ODE pairs ``batch['fkl']``
+    (``{'states': [B, S, T, ...], 'x0': [B, T, ...]}``: the trajectory at the student levels
+    ``sigmas[:-1]`` and its end point).
+
+    Per iteration one of the first ``num_constrained`` (K) steps k is drawn uniformly
+    (`fkl.choose_constrained_step`); the student's prediction from the trajectory state at
+    sigma_k, with attention ``mask`` over the whole clip, regresses onto ``target``:
+    ``'chord'`` (the paper's, `fkl.chord_x0`) or ``'end_point'`` (the ODE's x0):
+    weight * ||G(x_k, sigma_k; mask) - sg(target_k)||^2.
+    """
 
     weight: float
-    sigma_max: float
+    sigmas: tuple[float, ...]
+    num_constrained: int = 1
+    target: str = "chord"
     mask: str = "bidirectional"
     block_size: int | None = None
     metric_names: tuple[str, ...] = ("student/loss_fkl",)
@@ -105,14 +133,22 @@ class MotionRegulariser:
         if self.mask not in FKL_MASKS:
             raise ValueError(f"unknown regulariser mask {self.mask!r}; valid: "
                              f"{', '.join(FKL_MASKS)}.")
+        if self.target not in fkl.FKL_TARGETS:
+            raise ValueError(f"unknown forward-KL target {self.target!r}; valid: "
+                             f"{', '.join(fkl.FKL_TARGETS)}.")
+        num_steps = len(self.sigmas) - 1
+        if not 1 <= self.num_constrained <= num_steps:
+            raise ValueError(f"the number of constrained steps K = {self.num_constrained} must "
+                             f"lie in [1, {num_steps}] (the student's steps).")
 
     def __call__(self, student, key, batch):
-        del key
         pairs = batch["fkl"]
-        x_T = pairs["x_T"]
-        sigma = jnp.full(x_T.shape[:1], self.sigma_max, jnp.float32)
-        pred = student(x_T, sigma, attention=self.mask, block_size=self.block_size)
-        loss = jnp.mean((pred - jax.lax.stop_gradient(pairs["x0"])) ** 2)
+        step = fkl.choose_constrained_step(key, self.num_constrained, len(self.sigmas) - 1)
+        x_in, sigma_in, target = fkl.fkl_example(jnp.moveaxis(pairs["states"], 1, 0),
+                                                 pairs["x0"], self.sigmas, step,
+                                                 target=self.target)
+        pred = student(x_in, sigma_in, attention=self.mask, block_size=self.block_size)
+        loss = jnp.mean((pred - jax.lax.stop_gradient(target)) ** 2)
         return self.weight * loss, {"student/loss_fkl": loss}
 
 
@@ -228,7 +264,6 @@ def prepare_student(config, teacher, workdir: str, mesh) -> tuple[nnx.Module, di
 
 
 def fkl_batches(pairs: dict, global_batch_size: int, *, seed: int) -> PairBatches:
-    """Minibatches of the regulariser's pairs ``{'x_T', 'x0'}`` (start of the teacher's ODE, its
-    end point)."""
-    start = {"x_T": pairs["states"][:, 0], "x0": pairs["x0"]}
-    return PairBatches(start, global_batch_size, seed=seed + 1)
+    """Minibatches of the regulariser's pairs ``{'states', 'x0'}`` (the teacher's trajectory at
+    the student levels and its end point)."""
+    return PairBatches(pairs, global_batch_size, seed=seed + 1)

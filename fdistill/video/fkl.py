@@ -18,6 +18,8 @@ index may be traced).
 """
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -135,6 +137,21 @@ def shifted_sigmas(key, shape, *, shift: float = 5.0,
     u = jax.random.uniform(key, shape, jnp.float32)
     s = jnp.clip(shift_time(u, shift), *time_range)
     return s / (1.0 - s)
+
+
+@dataclasses.dataclass(frozen=True)
+class ShiftedNoise:
+    """``noise(key, n) -> sigma [n]`` from `shifted_sigmas` (the objective's noise distribution,
+    shared by the distribution-matching loss and the critic)."""
+
+    shift: float = 5.0
+    time_range: tuple[float, float] = FLOW_TIME_RANGE
+
+    def __post_init__(self):
+        _check_shift(self.shift, self.time_range)
+
+    def __call__(self, key, n: int):
+        return shifted_sigmas(key, (n,), shift=self.shift, time_range=tuple(self.time_range))
 
 
 def shifted_sigma_cdf(sigma, *, shift: float = 5.0,

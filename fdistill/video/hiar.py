@@ -12,7 +12,8 @@ Two orders over the (block b, step j) grid:
   its *clean* result to the KV cache and start block b+1.
 - ``'hierarchical'`` (HiAR, step-first): for each step j, run causally over all blocks; block b
   attends to blocks < b at the *same* level sigma_{j+1} (the output level of step j), never to
-  fully clean context; the cache is rebuilt at every step.
+  fully clean context; the cache is rebuilt at every step. (``context='input'``: the paper's
+  ablation with context at the step's input level sigma_j instead.)
 
 In the hierarchical order cell (b, j) needs only (b, j-1) and the cells (< b, j), so the
 anti-diagonals b + j = const can run at once: ``pipelined_hierarchical`` places step j on
@@ -36,12 +37,19 @@ from fdistill.models import video as video_models
 from fdistill.sde import karras_grid
 
 ORDERS = ("block_first", "hierarchical")
+CONTEXT_LEVELS = ("output", "input")
 STEP_AXIS = "step"
 
 
 def check_order(order: str) -> None:
     if order not in ORDERS:
         raise ValueError(f"unknown denoising order {order!r}; valid: {', '.join(ORDERS)}.")
+
+
+def check_context(context: str) -> None:
+    if context not in CONTEXT_LEVELS:
+        raise ValueError(f"unknown context level {context!r}; valid: "
+                         f"{', '.join(CONTEXT_LEVELS)}.")
 
 
 def step_sigmas(num_steps: int, *, sigma_max: float = 80.0, sigma_last: float = 0.5,
@@ -84,29 +92,68 @@ def _check(model, noise, sigmas, block_size, window):
         raise ValueError(f"the last student level must be 0; got {sigmas[-1]}.")
 
 
-def cell(model, x_in, sigma_in, sigma_out, eps, cache, offset):
-    """Cell (b, j): one step of one block against ``cache`` (context at level ``sigma_out``).
+def cell(model, x_in, sigma_in, sigma_out, eps, cache, offset, context: str = "output"):
+    """Cell (b, j): one step of one block against ``cache``.
 
     Returns ``(x0_hat, x_out, cache')`` with ``x_out = x0_hat + sigma_out eps`` and the cache
-    extended by ``x_out``'s keys/values computed at level ``sigma_out`` (context for later blocks).
+    extended by the block's keys/values as context for later blocks: with ``context='output'``
+    (HiAR) those of ``x_out`` at its level sigma_out = t_{j+1} (a second pass); with ``'input'``
+    (the paper's t_j ablation) those of ``x_in`` at sigma_in = t_j, which the denoising pass has
+    already computed (one pass per cell).
     """
-    x0, _ = model.cached(x_in, _level(x_in, sigma_in), cache, frame_offset=offset)
+    x0, kv = model.cached(x_in, _level(x_in, sigma_in), cache, frame_offset=offset)
     x_out = x0 + sigma_out * eps
-    _, kv = model.cached(x_out, _level(x_out, sigma_out), cache, frame_offset=offset)
+    if context == "output":
+        _, kv = model.cached(x_out, _level(x_out, sigma_out), cache, frame_offset=offset)
     return x0, x_out, video_models.append_to_cache(cache, kv)
 
 
+def fused_step(model, x, eps, sigma_in, sigma_out, cache, block_size: int):
+    """One hierarchical step over all blocks ``x [nb, B, bs, ...]`` with HiAR's fused passes:
+    block b's cache write (its ``x_out`` at ``sigma_out``) and block b+1's denoising (at
+    ``sigma_in``) are one pass over the two blocks with per-frame sigma (``model.cached`` with
+    ``block_size``), nb passes instead of 2 nb - 1, and the same video as `cell` by `cell`
+    with ``context='output'``. Returns ``(x0 [nb, ...], x_out [nb, ...])``."""
+    tokens = model.net.tokens_per_frame * block_size
+    x0, _ = model.cached(x[0], _level(x[0], sigma_in), cache, frame_offset=0)
+    first = x0 + sigma_out * eps[0]
+
+    def over_blocks(carry, inputs):
+        cache, prev = carry
+        x_in, e, off = inputs
+        chunk = jnp.concatenate([prev, x_in], axis=1)
+        sig = jnp.concatenate([_level(prev, sigma_out), _level(x_in, sigma_in)], axis=1)
+        x0c, (k, v) = model.cached(chunk, sig, cache, frame_offset=off - block_size,
+                                   block_size=block_size)
+        cache = video_models.append_to_cache(cache, (k[:, :, :tokens], v[:, :, :tokens]))
+        x0 = x0c[:, block_size:]
+        x_out = x0 + sigma_out * e
+        return (cache, x_out), (x0, x_out)
+
+    offsets = jnp.arange(1, x.shape[0]) * block_size
+    _, (x0s, outs) = jax.lax.scan(over_blocks, (cache, first), (x[1:], eps[1:], offsets))
+    return (jnp.concatenate([x0[None], x0s]), jnp.concatenate([first[None], outs]))
+
+
 def rollout(model, noise, sigmas, *, block_size: int, window: int,
-            order: str = "hierarchical", exit_step=None):
+            order: str = "hierarchical", exit_step=None, context: str = "output",
+            fused: bool = False):
     """The student's autoregressive rollout (traceable; ``model`` is a merged VideoDenoiser).
 
-    ``noise [S, B, T, ...]``, ``sigmas`` the S + 1 levels. Returns the clip ``[B, T, ...]``:
+    ``noise [S, B, T, ...]``, ``sigmas`` the S + 1 levels; ``context`` the level of the
+    hierarchical order's context (`cell`; block-first context is always the clean block).
+    ``fused`` (inference, hierarchical, context 'output'): `fused_step`'s passes.
+    Returns the clip ``[B, T, ...]``:
     x0_hat of the last step, or of step ``exit_step`` (a traced int) for self-rollout
     training, where the rollout stops at that step for every block and gradients flow only
     through that step's network calls (inputs and KV caches are ``stop_gradient``-ed).
     """
     check_order(order)
+    check_context(context)
     _check(model, noise, sigmas, block_size, window)
+    if fused and (order, context, exit_step) != ("hierarchical", "output", None):
+        raise ValueError("the fused pass is for hierarchical sampling with context 'output' "
+                         "(no exit step); it is off for this rollout.")
     sigmas = np.asarray(sigmas, np.float32)
     num_steps, batch = noise.shape[0], noise.shape[1]
     eps = jax.vmap(lambda n: _blocks(n, block_size))(noise)           # [S, nb, B, bs, ...]
@@ -132,11 +179,19 @@ def rollout(model, noise, sigmas, *, block_size: int, window: int,
             x = sg(x_next)
         return out
 
+    if order == "hierarchical" and fused:
+        def fused_one_step(j, x):
+            return fused_step(model, x, noise_out(eps, j), float(sigmas[j]), level_out(j),
+                              fresh(), block_size)
+
+        return _unblocks(steps(sigmas[0] * eps[0], fused_one_step))
+
     if order == "hierarchical":
         def one_step(j, x):
             def over_blocks(cache, inputs):
                 x_in, e, off = inputs
-                x0, x_out, cache = cell(model, x_in, sigmas[j], level_out(j), e, cache, off)
+                x0, x_out, cache = cell(model, x_in, sigmas[j], level_out(j), e, cache, off,
+                                        context)
                 return jax.tree.map(sg, cache), (x0, x_out)
 
             _, (x0, x_out) = jax.lax.scan(over_blocks, fresh(),
@@ -161,21 +216,24 @@ def rollout(model, noise, sigmas, *, block_size: int, window: int,
 
 
 def sample(model, noise, sigmas, *, block_size: int, window: int,
-           order: str = "hierarchical") -> jax.Array:
+           order: str = "hierarchical", context: str = "output",
+           fused: bool = False) -> jax.Array:
     """Jitted rollout of a VideoDenoiser (any clip length; sliding KV window of ``window``)."""
     check_order(order)
+    check_context(context)
     _check(model, noise, sigmas, block_size, window)
     graphdef, state = nnx.split(model)
     return _sample_jit(graphdef, state, noise, tuple(float(s) for s in sigmas), block_size,
-                       window, order)
+                       window, order, context, fused)
 
 
-def _sample_impl(graphdef, state, noise, sigmas, block_size, window, order):
+def _sample_impl(graphdef, state, noise, sigmas, block_size, window, order, context, fused):
     return rollout(nnx.merge(graphdef, state), noise, np.asarray(sigmas, np.float32),
-                   block_size=block_size, window=window, order=order)
+                   block_size=block_size, window=window, order=order, context=context,
+                   fused=fused)
 
 
-_sample_jit = jax.jit(_sample_impl, static_argnums=(0, 3, 4, 5, 6))
+_sample_jit = jax.jit(_sample_impl, static_argnums=(0, 3, 4, 5, 6, 7, 8))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,13 +251,14 @@ def step_mesh(num_steps: int) -> Mesh:
 
 
 def pipelined_hierarchical(model, noise, sigmas, *, block_size: int, window: int,
-                           mesh: Mesh | None = None) -> jax.Array:
+                           mesh: Mesh | None = None, context: str = "output") -> jax.Array:
     """The hierarchical rollout with step j on device j: wave w runs cells (w - j, j) at once.
 
     Device j keeps the KV cache of step j (context at sigma_{j+1}); after each wave it sends its
     block's ``x_out`` to device j + 1 (``ppermute``). The last device's x0_hat are the frames.
     Same cells, same noise, same arithmetic as ``rollout(order='hierarchical')``.
     """
+    check_context(context)
     _check(model, noise, sigmas, block_size, window)
     num_steps, batch, t = noise.shape[:3]
     mesh = step_mesh(num_steps) if mesh is None else mesh
@@ -208,12 +267,12 @@ def pipelined_hierarchical(model, noise, sigmas, *, block_size: int, window: int
                          f"step); got mesh shape {dict(mesh.shape)}.")
     graphdef, state = nnx.split(model)
     fn = _pipeline_fn(graphdef, tuple(float(s) for s in sigmas), block_size, window, mesh,
-                      noise.shape)
+                      noise.shape, context)
     return fn(state, noise)[num_steps - 1]
 
 
 @functools.lru_cache(maxsize=16)
-def _pipeline_fn(graphdef, sigmas, block_size, window, mesh, shape):
+def _pipeline_fn(graphdef, sigmas, block_size, window, mesh, shape, context):
     num_steps, batch, t = shape[:3]
     nb = t // block_size
     sig = jnp.asarray(sigmas + (0.0,), jnp.float32)
@@ -237,7 +296,7 @@ def _pipeline_fn(graphdef, sigmas, block_size, window, mesh, shape):
             x_in = jnp.where(j == 0, sig[0] * block(noise[0], bc), recv)
             eps = block(noise[jnp.minimum(j + 1, num_steps - 1)], bc)
             x0, x_out, new_cache = cell(model, x_in, sigma_in, sigma_out, eps, cache,
-                                        bc * block_size)
+                                        bc * block_size, context)
             cache = jax.tree.map(lambda n, o: jnp.where(active, n, o), new_cache, cache)
             written = jax.lax.dynamic_update_slice_in_dim(out, x0, bc * block_size, 1)
             out = jnp.where(active & (j == num_steps - 1), written, out)
