@@ -42,6 +42,13 @@ is the teacher's; ~1 s per iteration on a busy 2-core CPU, plus ~10-30 s per dia
     PYTHONPATH=. python experiments/toy_diagnostics.py --teacher=runs/toy --divergence=fkl \
         --ratio=oracle --set distill.num_steps=1000 distill.gan_weight=0.0
 
+Measured (ring8, teacher of configs/toy.py, forward-KL, 1,000 iterations, step 1000; single
+runs on a shared 2-core CPU): with the discriminator (gan_weight 0.1) seeds 0 / 1 reach EMA
+recall 1.0 / 1.0, precision 0.56 / 0.64, KL(q||p) 17.0 / 13.6; its h is much flatter than the
+true ratio's (ESS 0.84 / 0.91 of the batch against 0.33 / 0.38, corr of log h 0.58 / 0.54). With
+gan_weight 0 (seed 0) the discriminator run gets precision 0.20, KL(q||p) 40.2 and the oracle
+ratio 0.08, 43.8: a perfect ratio does not remove the blur; the GAN term does most of it.
+
 Each diagnosis prints one line per quantity (numbers per sigma in DIAG_SIGMAS order); the whole
 log goes to --out (default <teacher>/../toy_diag/diag_<div>_<ratio>_seed<seed>.json).
 """
