@@ -123,6 +123,8 @@ def get_config(variant: str = "hiar") -> ml_collections.ConfigDict:
     t.ema_rate = 0.98
     t.student_optim = optim(1e-4, weight_decay=0.0, beta1=0.0)
     t.student_optim.beta2 = 0.99
+    t.ode_init_optim = optim(1e-4, weight_decay=0.0, beta1=0.0)   # the ODE-regression init
+    t.ode_init_optim.beta2 = 0.99
     t.fake_score_optim = optim(2e-4, weight_decay=0.0, beta1=0.0)
     t.fake_score_optim.beta2 = 0.99
     t.disc_optim = optim(2e-4, weight_decay=0.0, beta1=0.0)

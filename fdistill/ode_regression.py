@@ -146,5 +146,7 @@ def initialise(network, pairs: dict, loss_fn, dc, workdir: str, mesh, *, seed: i
                          state_sharding=shardings,
                          step_fn=lambda s, i: step(s, sharding.global_batch(batches.batch(i),
                                                                             mesh)),
-                         loop=loop)
+                         loop=loop,
+                         done_message=f"ODE-regression initialisation: reusing the {steps}-step "
+                                      f"one in {os.path.join(workdir, 'ode_init')}")
     return train.merge(graphdef, sharding.to_host(state["params"]), others)

@@ -198,14 +198,15 @@ def fit(*, workdir: str, state: State, state_sharding, step_fn: Callable[[State,
         loop: LoopConfig, on_log: Callable[[int, State], dict] | None = None,
         on_checkpoint: Callable[[int, State], None] | None = None,
         preview: Callable[[State], dict] | None = None, preview_every: int = 0,
-        history: list | None = None) -> tuple[State, dict]:
+        history: list | None = None, done_message: str | None = None) -> tuple[State, dict]:
     """Runs ``step_fn(state, step) -> (state, metrics)`` from the latest checkpoint to the end.
 
     Resumes automatically from ``workdir/checkpoints``; checks for non-finite values before every
     log and save; ``on_log`` may return extra metrics (e.g. periodic evaluation); every
     ``preview_every`` steps (at the first log step past each multiple) ``preview(state) ->
     {name: uint8 image}`` goes to TensorBoard; ``history``, if given, collects ``(step,
-    metrics)`` at every log.
+    metrics)`` at every log; ``done_message`` replaces the notice printed when the checkpoint
+    is already at ``num_steps``.
     """
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
                                    max_to_keep=loop.keep_checkpoints)
@@ -247,8 +248,8 @@ def fit(*, workdir: str, state: State, state_sharding, step_fn: Callable[[State,
                 if on_checkpoint is not None:
                     on_checkpoint(done, state)
         if start >= loop.num_steps and jax.process_index() == 0:
-            print(f"nothing to train: the checkpoint is at step {start} and num_steps is "
-                  f"{loop.num_steps}; raise num_steps to continue.", flush=True)
+            print(done_message or f"nothing to train: the checkpoint is at step {start} and "
+                  f"num_steps is {loop.num_steps}; raise num_steps to continue.", flush=True)
     finally:
         mon.close()
         ckpt.close()

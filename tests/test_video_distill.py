@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from configs.video import get_config
-from fdistill import losses, main, modes, sde, sharding, train
+from fdistill import losses, main, modes, ode_regression, sde, sharding, train
 from fdistill import workdir as workdir_lib
 from fdistill.video import distill as VD
 from tests.test_video_model import BS, SIZE, T, tiny_denoiser
@@ -85,8 +85,8 @@ def test_losses_differentiate_only_what_they_train():
     teacher = tiny_denoiser(0, depth=1)
     d = _distillation(c, teacher)
     sigmas = VD.student_sigmas_of(c, teacher.process)
-    pairs = VD.ode_pairs(teacher, jax.random.key(0), 4, (T, SIZE, SIZE, 1), sigmas, substeps=1,
-                         batch_size=4)
+    pairs = ode_regression.teacher_pairs(teacher, jax.random.key(0), 4, (T, SIZE, SIZE, 1),
+                                         sigmas, substeps=1, batch_size=4)
     st = d.initial_state
     nets = lambda tp, fp, dp, sp: (d.denoiser(tp), d.denoiser(fp), d.discriminator(dp),
                                    d.denoiser(sp))
@@ -119,12 +119,12 @@ def test_regulariser_pairs_and_mask_switch():
     c = tiny_config()
     teacher, student = tiny_denoiser(0, depth=1), tiny_denoiser(1, depth=1)
     sigmas = VD.student_sigmas_of(c, teacher.process)
-    pairs = VD.ode_pairs(teacher, jax.random.key(0), 4, (T, SIZE, SIZE, 1), sigmas, substeps=1,
-                         batch_size=4)
+    pairs = ode_regression.teacher_pairs(teacher, jax.random.key(0), 4, (T, SIZE, SIZE, 1),
+                                         sigmas, substeps=1, batch_size=4)
     assert pairs["states"].shape == (4, 2, T, SIZE, SIZE, 1)
+    k_z = jax.random.split(jax.random.fold_in(jax.random.key(0), 0))[0]
     np.testing.assert_allclose(pairs["states"][:, 0],
-                               80.0 * jax.random.normal(jax.random.fold_in(jax.random.key(0), 0),
-                                                        (4, T, SIZE, SIZE, 1)), rtol=1e-6)
+                               80.0 * jax.random.normal(k_z, (4, T, SIZE, SIZE, 1)), rtol=1e-6)
     batch = _batch(c, pairs)
     key = jax.random.key(0)
     sig = tuple(float(v) for v in sigmas)

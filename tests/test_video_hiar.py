@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fdistill import sampling, sde
+from fdistill import ode_regression, sampling, sde
 from fdistill.models import video as V
 from fdistill.video import hiar
 from tests.test_video_model import BS, SIZE, T, tiny_denoiser
@@ -68,7 +68,7 @@ def reference_block_first(model, noise, sigmas, window):
 def test_step_sigmas():
     np.testing.assert_allclose(SIGMAS[[0, -2, -1]], [80.0, 0.5, 0.0], rtol=1e-6)
     assert np.all(np.diff(SIGMAS) < 0)
-    grid, where = hiar.teacher_grid(SIGMAS, 4)
+    grid, where = ode_regression.teacher_grid(SIGMAS, 4)
     np.testing.assert_allclose(grid[where], SIGMAS[:-1], rtol=1e-6)
     assert grid[-1] == 0 and np.all(np.diff(grid) < 0) and len(grid) == 4 * S + 2
 

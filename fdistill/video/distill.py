@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fdistill import sampling, sharding, train
+from fdistill import ode_regression
 from fdistill.models.video import check_attention, check_window
 from fdistill.video import fkl, hiar
 
@@ -155,33 +155,6 @@ class MotionRegulariser:
 # ---------------------------------------------------------------------------------------------
 # Teacher ODE pairs and the ODE-regression initialisation.
 
-def ode_pairs(teacher, key, num: int, shape, student_sigmas, *, substeps: int = 5,
-              batch_size: int = 64) -> dict:
-    """The teacher's own PF-ODE trajectories (Heun, ``substeps`` steps per student interval).
-
-    Returns ``{'states': [num, S, T, H, W, C]`` (the ODE state at each student level;
-    ``states[:, 0]`` = sigma_max z), ``'x0': [num, T, H, W, C]}``. No real data is used.
-    """
-    grid, where = hiar.teacher_grid(student_sigmas, substeps, sigma_min=teacher.process.sigma_min,
-                                    rho=teacher.process.rho)
-    graphdef, state = nnx.split(teacher)
-
-    @jax.jit
-    def run(st, z):
-        model = nnx.merge(graphdef, st)
-        x0, kept = sampling.heun_trajectory(lambda x, s: model(x, s), grid[0] * z, grid,
-                                            record=tuple(where))
-        return jnp.stack(kept, axis=1), x0
-
-    states, x0s = [], []
-    for i in range(0, num, batch_size):
-        z = jax.random.normal(jax.random.fold_in(key, i), (batch_size, *shape))
-        s, x0 = run(state, z)
-        states.append(np.asarray(s))
-        x0s.append(np.asarray(x0))
-    return {"states": np.concatenate(states)[:num], "x0": np.concatenate(x0s)[:num]}
-
-
 def ode_regression_loss(student, key, pairs: dict, student_sigmas, *, block_size: int):
     """CausVid's ODE initialisation: each block at a random student level j on the teacher's
     trajectory, block-causal prediction regressed onto the trajectory's end x0 (MSE)."""
@@ -196,25 +169,6 @@ def ode_regression_loss(student, key, pairs: dict, student_sigmas, *, block_size
     return loss, {"train/ode_regression": loss}
 
 
-class PairBatches:
-    """Deterministic minibatches of ODE pairs for step i (this process' slice), as datasets give
-    real batches: ``batch(i) -> {'states', 'x0'}``."""
-
-    def __init__(self, pairs: dict, global_batch_size: int, *, seed: int):
-        self.pairs, self.global_batch_size, self.seed = pairs, int(global_batch_size), seed
-        n = jax.process_count()
-        if self.global_batch_size % n:
-            raise ValueError(f"the pair batch {global_batch_size} is not divisible by the {n} "
-                             f"processes.")
-        self.local = self.global_batch_size // n
-
-    def batch(self, i: int) -> dict:
-        rng = np.random.default_rng([self.seed, i])
-        idx = rng.integers(0, len(self.pairs["x0"]), self.global_batch_size)
-        idx = idx[jax.process_index() * self.local:(jax.process_index() + 1) * self.local]
-        return {k: v[idx] for k, v in self.pairs.items()}
-
-
 def prepare_student(config, teacher, workdir: str, mesh) -> tuple[nnx.Module, dict]:
     """The ODE pairs and the ODE-initialised student of a video distillation in ``workdir``.
 
@@ -225,45 +179,26 @@ def prepare_student(config, teacher, workdir: str, mesh) -> tuple[nnx.Module, di
     """
     d = config.distill
     sigmas = student_sigmas_of(config, teacher.process)
-    path = os.path.join(workdir, "ode_pairs.npz")
-    if os.path.isfile(path):
-        with np.load(path) as f:
-            pairs = {k: f[k] for k in ("states", "x0")}
-    else:
-        shape = (config.data.num_frames, config.data.size, config.data.size,
-                 config.data.get("channels", 1))
-        pairs = ode_pairs(teacher, jax.random.key(config.seed + 11), d.num_pairs, shape, sigmas,
-                          substeps=d.pair_substeps)
-        if jax.process_index() == 0:
-            os.makedirs(workdir, exist_ok=True)
-            tmp = path + ".tmp.npz"
-            np.savez(tmp, **pairs)
-            os.replace(tmp, path)
+    shape = (config.data.num_frames, config.data.size, config.data.size,
+             config.data.get("channels", 1))
+    pairs = ode_regression.load_or_draw_pairs(
+        os.path.join(workdir, "ode_pairs.npz"),
+        lambda: ode_regression.teacher_pairs(teacher, jax.random.key(config.seed + 11),
+                                             int(d.num_pairs), shape, sigmas,
+                                             substeps=int(d.pair_substeps), batch_size=64))
     if d.ode_init_steps <= 0:
         return teacher, pairs
-    graphdef, others, state = train.init_state(teacher, train.make_optimizer(d.student_optim),
-                                               ("train/loss", "train/grad_norm"))
-    shardings = train.state_shardings(state, mesh)
-    state = jax.device_put(jax.tree.map(jnp.copy, state), shardings)   # the step donates it
 
     def loss_fn(model, key, batch):
         return ode_regression_loss(model, key, batch, sigmas, block_size=config.student.block_size)
 
-    step = train.make_teacher_step(graphdef, others, loss_fn,
-                                   train.make_optimizer(d.student_optim), ema_rate=0.0,
-                                   key=jax.random.key(config.seed), mesh=mesh,
-                                   state_sharding=shardings)
-    batches = PairBatches(pairs, d.batch_size, seed=config.seed)
-    loop = train.LoopConfig(num_steps=int(d.ode_init_steps), log_every=int(d.log_every),
-                            ckpt_every=int(d.ode_init_steps), keep_checkpoints=1)
-    state, _ = train.fit(workdir=os.path.join(workdir, "ode_init"), state=state,
-                         state_sharding=shardings,
-                         step_fn=lambda s, i: step(s, sharding.global_batch(batches.batch(i), mesh)),
-                         loop=loop)
-    return train.merge(graphdef, sharding.to_host(state["params"]), others), pairs
+    student = ode_regression.initialise(teacher, pairs, loss_fn, d, workdir, mesh,
+                                        seed=config.seed)
+    return student, pairs
 
 
-def fkl_batches(pairs: dict, global_batch_size: int, *, seed: int) -> PairBatches:
+def fkl_batches(pairs: dict, global_batch_size: int, *,
+                seed: int) -> ode_regression.PairBatches:
     """Minibatches of the regulariser's pairs ``{'states', 'x0'}`` (the teacher's trajectory at
     the student levels and its end point)."""
-    return PairBatches(pairs, global_batch_size, seed=seed + 1)
+    return ode_regression.PairBatches(pairs, global_batch_size, seed=seed + 1)

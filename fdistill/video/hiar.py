@@ -308,21 +308,3 @@ def _pipeline_fn(graphdef, sigmas, block_size, window, mesh, shape, context):
 
     return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P(), P()), out_specs=P(STEP_AXIS),
                                  check_vma=False))
-
-
-# ---------------------------------------------------------------------------------------------
-# The teacher's ODE through the student's levels (ODE pairs for initialisation and regularisation).
-
-def teacher_grid(student_sigmas, substeps: int, *, sigma_min: float = 0.002,
-                 rho: float = 7.0) -> tuple[np.ndarray, list[int]]:
-    """A Heun grid through every student level: ``substeps`` Karras steps per student interval
-    (the last one ends at ``sigma_min``, then 0). Returns the grid and the student levels'
-    indices in it."""
-    s = np.asarray(student_sigmas, np.float64)[:-1]
-    ends = np.append(s[1:], sigma_min)
-    grid, where = [], []
-    for hi, lo in zip(s, ends):
-        where.append(len(grid))
-        grid.extend(np.asarray(karras_grid(lo, hi, substeps + 1, rho))[:substeps])
-    grid.extend([sigma_min, 0.0])
-    return np.asarray(grid, np.float32), where
