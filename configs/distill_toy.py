@@ -45,6 +45,7 @@ def get_config():
     d.num_steps = 1000
     d.log_every = 250
     d.ckpt_every = 1000
+    d.preview_every = 250              # a student density plot in TensorBoard
     d.num_eval_samples = 4096
     d.eval_batch_size = 4096
     return c
