@@ -56,6 +56,8 @@ def run(args) -> dict:
                 c.seed = seed
                 c.distill.teacher_workdir = teacher_dir
                 c.distill.divergence = name
+                # one ODE-regression initialisation per toy and seed, shared by the divergences
+                c.distill.init_workdir = os.path.join(args.workdir, toy_name, f"init_seed{seed}")
                 if name == "alpha":
                     c.distill.divergence_params.alpha = args.alpha
                 c.distill.num_steps = args.distill_steps
