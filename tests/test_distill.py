@@ -267,6 +267,7 @@ def test_distillation_matches_the_pre_refactor_losses():
         c.distill.update(divergence="js", feature_source=source, batch_size=32, r1_weight=0.0,
                          ratio_bins=1, ratio_ema_rate=0.5, gan_weight=1e-2,
                          disc_resolutions=(0,), fake_score_weighting="edm")
+        c.distill.student_optim.lr = 1e-3             # the toy config's value when recorded
         c = modes.resolve_config(c, t)
         mesh = sharding.make_mesh()
         ds = modes.dataset(c, c.distill.batch_size)
