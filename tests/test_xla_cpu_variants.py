@@ -1,6 +1,8 @@
 """The network formulations that experiments/bench_distill.py times against each other
 (experiments/xla_cpu_variants.py) compute the library's outputs and gradients to float
 tolerance, so their speed ratios compare equal work."""
+import os
+
 import jax
 import numpy as np
 import pytest
@@ -12,6 +14,9 @@ FORMULATIONS = [name for name, v in xla_cpu_variants.VARIANTS.items()
                 if v.patches and name != 'teacher_batched']
 
 
+@pytest.mark.skipif(os.environ.get("FDISTILL_SLOW_TESTS", "0") != "1",
+                    reason="benchmark formulations (~1.5 min of CPU): run with FDISTILL_SLOW_TESTS=1 "
+                           "before timing them")
 @pytest.mark.parametrize('name', FORMULATIONS)
 def test_variant_gives_the_library_outputs_and_gradients(name, tiny):
     net, inputs, (out, grads) = tiny
