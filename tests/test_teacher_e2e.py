@@ -129,12 +129,12 @@ def test_cifar10_edm_ddpmpp_trains_and_samples_on_mock_tfds(tmp_path, mock_cifar
 
 
 SLOW = pytest.mark.skipif(os.environ.get("FDISTILL_SLOW_TESTS", "0") != "1",
-                          reason="NCSN++ on mock CIFAR-10 (~1.5 min of CPU): run with "
-                                 "FDISTILL_SLOW_TESTS=1")
+                          reason="Score-SDE configs on mock CIFAR-10 (~2 min of CPU each; the EDM one always "
+                                 "runs): run with FDISTILL_SLOW_TESTS=1")
 
 
-@pytest.mark.parametrize("module", [cifar10_vp_ddpmpp, pytest.param(cifar10_ve_ncsnpp, marks=SLOW)],
-                         ids=["vp", "ve"])
+@pytest.mark.parametrize("module", [pytest.param(cifar10_vp_ddpmpp, marks=SLOW),
+                                    pytest.param(cifar10_ve_ncsnpp, marks=SLOW)], ids=["vp", "ve"])
 def test_score_sde_cifar10_configs_train_on_mock_tfds(tmp_path, mock_cifar10, module):
     """At initialisation the network output is ~0 (EDM's 1e-5 output init), so with the 'vp' /
     've' preconditioning x0_hat = x_t / alpha and the score is 0: the DSM loss
