@@ -1,7 +1,7 @@
 """The f-distill recipe against the reference implementation's (its released configs and code):
 each setting checked by what it computes, so that a regression changes a number."""
-import os
 import importlib
+import os
 
 import jax
 import numpy as np
