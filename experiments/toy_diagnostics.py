@@ -63,7 +63,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from configs import distill_toy, toy
 from fdistill import data, modes, sharding
@@ -172,15 +171,7 @@ def use_oracle_ratio(distillation, mixture, num_ref: int = 4096):
             return obj.student_loss(d.denoiser(params), teacher, fake, oracle, key, batch,
                                     state["ratio_ema"])
 
-        (loss, (metrics, ratio_ema)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state["student"])
-        updates, opt = d.tx["student"].update(grads, state["opt_student"], state["student"])
-        params = optax.apply_updates(state["student"], updates)
-        grad_norm = optax.tree.norm(grads)
-        metrics = dict(metrics, **{"student/grad_norm": grad_norm})
-        new = dict(state, student=params, opt_student=opt, ratio_ema=ratio_ema)
-        return d._finish(state, new, metrics,
-                         {"student/loss": loss, "student/grad_norm": grad_norm})
+        return d.student_update(state, loss_fn)
 
     d.student_step = jax.jit(
         student_step, donate_argnums=0,

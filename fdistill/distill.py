@@ -106,6 +106,11 @@ class Distillation:
             return self.objective.student_loss(self.denoiser(params), teacher, fake, disc, key,
                                                batch, state["ratio_ema"])
 
+        return self.student_update(state, loss_fn)
+
+    def student_update(self, state, loss_fn):
+        """The student's optimiser step on ``loss_fn(params) -> (loss, (metrics, ratio_ema))``,
+        then the EMA and the finite guard (traced inside a jitted step)."""
         (loss, (metrics, ratio_ema)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state["student"])
         updates, opt = self.tx["student"].update(grads, state["opt_student"], state["student"])
