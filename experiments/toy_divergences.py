@@ -2,10 +2,11 @@
 
 For each toy (default: ring8, grid25 and the unbalanced ring, whose modes weigh 1/2, 1/4, ...) a
 teacher is trained once (configs/toy.py, EDM loss), then one one-step student per divergence and
-seed is distilled from it (configs/distill_toy.py). Prints, per toy and divergence, the mean and
-standard deviation over seeds of mode recall, precision, total variation of the mass per mode
-against the true weights and both KL estimates (fdistill.evaluation.toy), plus the teacher's
-Heun row; writes everything to <workdir>/toy_divergences.json.
+seed is distilled from it (configs/distill_toy.py; the divergences of one toy and seed share one
+ODE-regression initialisation, scored as its own row `ode_init`). Prints, per toy and divergence,
+the mean and sample standard deviation over seeds of mode recall, precision, total variation of
+the mass per mode against the true weights and both KL estimates (fdistill.evaluation.toy), plus
+the teacher's Heun row; writes everything to <workdir>/toy_divergences.json.
 
     PYTHONPATH=. python experiments/toy_divergences.py --workdir=runs/toy_divergences
     PYTHONPATH=. python experiments/toy_divergences.py --toys=unbalanced --seeds=0 \
@@ -23,7 +24,7 @@ import jax
 import numpy as np
 
 from configs import distill_toy, toy
-from fdistill import divergences, modes
+from fdistill import divergences, modes, quickstart
 from fdistill import main as cli
 
 METRICS = ("recall", "precision", "mode_tv", "kl_pq", "kl_qp")
@@ -37,6 +38,11 @@ def teacher_row(config, workdir: str) -> dict:
     return {"nfe": draw.nfe, **modes.toy_metrics(config, x)}
 
 
+def init_dir(args, toy_name: str, seed: int) -> str:
+    """The ODE-regression initialisation of one toy and seed, shared by its divergences."""
+    return os.path.join(args.workdir, toy_name, f"init_seed{seed}")
+
+
 def run(args) -> dict:
     names = [n.strip() for n in args.divergences.split(",")] if args.divergences else \
         list(divergences.NAMES)
@@ -44,11 +50,16 @@ def run(args) -> dict:
     for toy_name in args.toys.split(","):
         tc = toy.get_config()
         tc.data.toy = toy_name
-        tc.training.num_steps = args.teacher_steps
-        tc.training.ckpt_every = args.teacher_steps
+        if args.teacher_steps:
+            tc.training.num_steps = tc.training.ckpt_every = args.teacher_steps
         teacher_dir = os.path.join(args.workdir, toy_name, "teacher")
         cli.run(tc, teacher_dir, "train")
-        rows = {"teacher (Heun)": [teacher_row(tc, teacher_dir)]}
+        rows = {"teacher (Heun)": [teacher_row(tc, teacher_dir)], "ode_init": []}
+        for seed in (int(s) for s in args.seeds.split(",")):
+            tc.seed = seed
+            x = quickstart.init_samples(tc, teacher_dir, init_dir(args, toy_name, seed),
+                                        tc.sampling.num_samples, jax.random.key(seed + 1))
+            rows["ode_init"].append({"nfe": 1, **modes.toy_metrics(tc, x)})
         for name in names:
             rows[name] = []
             for seed in (int(s) for s in args.seeds.split(",")):
@@ -57,11 +68,11 @@ def run(args) -> dict:
                 c.distill.teacher_workdir = teacher_dir
                 c.distill.divergence = name
                 # one ODE-regression initialisation per toy and seed, shared by the divergences
-                c.distill.init_workdir = os.path.join(args.workdir, toy_name, f"init_seed{seed}")
+                c.distill.init_workdir = init_dir(args, toy_name, seed)
                 if name == "alpha":
                     c.distill.divergence_params.alpha = args.alpha
-                c.distill.num_steps = args.distill_steps
-                c.distill.ckpt_every = args.distill_steps
+                if args.distill_steps:
+                    c.distill.num_steps = c.distill.ckpt_every = args.distill_steps
                 r = cli.run(c, os.path.join(args.workdir, toy_name, name, f"seed{seed}"),
                              "distill")
                 rows[name].append({"nfe": r["nfe"], **{m: r[f"student/{m}"] for m in METRICS}})
@@ -78,7 +89,7 @@ def table(out: dict) -> str:
             cells = []
             for m in METRICS:
                 v = np.asarray([r[m] for r in runs])
-                cells.append(f"{v.mean():.3f}" + (f" ± {v.std():.3f}" if len(v) > 1 else ""))
+                cells.append(f"{v.mean():.3f}" + (f" ± {v.std(ddof=1):.3f}" if len(v) > 1 else ""))
             lines.append(f"| {model} | {runs[0]['nfe']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -91,8 +102,8 @@ def main():
     p.add_argument("--divergences", default="", help="comma-separated; default: all")
     p.add_argument("--alpha", type=float, default=0.5)
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--teacher_steps", type=int, default=3000)
-    p.add_argument("--distill_steps", type=int, default=2000)
+    p.add_argument("--teacher_steps", type=int, default=0, help="0: configs/toy.py's")
+    p.add_argument("--distill_steps", type=int, default=0, help="0: configs/distill_toy.py's")
     args = p.parse_args()
     out = run(args)
     os.makedirs(args.workdir, exist_ok=True)

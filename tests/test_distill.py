@@ -35,6 +35,7 @@ def toy_configs(tmp):
     d.num_eval_samples = 2048
     d.eval_batch_size = 2048
     d.student_optim.lr = 1e-3
+    d.fake_score_optim.lr = 2e-3
     d.ode_init_steps = 0               # distribution matching alone, from the teacher's weights
     d.gan_weight = 0.1                 # the GAN term sharpens the one-step map between modes
     d.fake_score_weighting = "edm"
@@ -267,7 +268,8 @@ def test_distillation_matches_the_pre_refactor_losses():
         c.distill.update(divergence="js", feature_source=source, batch_size=32, r1_weight=0.0,
                          ratio_bins=1, ratio_ema_rate=0.5, gan_weight=1e-2,
                          disc_resolutions=(0,), fake_score_weighting="edm")
-        c.distill.student_optim.lr = 1e-3             # the toy config's value when recorded
+        c.distill.student_optim.lr = 1e-3             # the toy config's values when recorded
+        c.distill.fake_score_optim.lr = 2e-3
         c = modes.resolve_config(c, t)
         mesh = sharding.make_mesh()
         ds = modes.dataset(c, c.distill.batch_size)

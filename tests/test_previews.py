@@ -151,6 +151,7 @@ def test_distillation_logs_student_sample_grids(tmp_path):
     d.teacher_workdir = teacher_dir
     d.batch_size = 16
     d.num_steps, d.log_every, d.ckpt_every, d.preview_every = 4, 2, 4, 2
+    d.ode_init_steps = 0
     d.num_eval_samples = d.eval_batch_size = 64
     out = str(tmp_path / "student")
     modes.distill(c, out)
