@@ -98,15 +98,15 @@ def guard_finite(old: State, new: State, values: dict[str, jax.Array]) -> State:
     The first offending step, the values and which state entries were non-finite are recorded in
     ``new['nonfinite']`` for the host; the kept state is always the last finite one.
 
-    The choice is one ``lax.cond`` over the whole state, not a ``where`` per leaf: with a
-    ``where`` per leaf, XLA:CPU's fusion pass took time growing faster than the square of the
-    number of leaves (a distillation state has ~1,400), which made the distillation steps
-    compile for minutes (experiments/bench_distill.py --guard_leaves).
+    Finiteness is one reduction per state entry (`_finite_flags`): with a reduction per leaf,
+    XLA:CPU's fusion pass took time growing faster than the square of the number of leaves (a
+    distillation state has ~1,400), and the distillation steps compiled for minutes
+    (experiments/bench_distill.py --guard).
     """
     flags = _finite_flags(new)
     checks = [jnp.all(jnp.isfinite(v)) for v in values.values()] + list(flags.values())
     finite = jnp.all(jnp.stack(checks))
-    kept = jax.lax.cond(finite, lambda o, n: n, lambda o, n: o, old, new)
+    kept = jax.tree.map(lambda a, b: jnp.where(finite, b, a), old, new)
     first = (old["nonfinite"]["step"] < 0) & ~finite
     observed = {k: v.astype(jnp.float32) for k, v in values.items()}
     observed.update({f"state/{k}": jnp.where(ok, 0.0, jnp.nan) for k, ok in flags.items()})
