@@ -14,6 +14,10 @@ batch size:
   * with --distill, per distillation iteration: student (forward-KL, and JS / reverse-KL with
     --divergences), critic, the 1 + 4 cycle mean, and ratios to the DSM step;
   * with --sampling, the one-step student against the teacher's 35-evaluation Heun sampler;
+  * with --guard N, the finite guard of the training steps (`train.guard_finite`) alone, over the
+    first N leaves of the distillation state (their real shapes), in the library's formulation
+    (one finiteness reduction per state entry) and the earlier one (one per leaf): compile
+    seconds and ms per call, side by side;
   * the process's peak resident memory; and, when --reference names a FastGen checkout and torch
     imports, the PyTorch reference's network phases measured in the same rounds.
 
@@ -25,6 +29,7 @@ across runs. The load average is printed before and after.
     PYTHONPATH=. python experiments/bench_distill.py --variants current,pre_change
     PYTHONPATH=. python experiments/bench_distill.py --distill --sampling --rounds 5
     PYTHONPATH=. python experiments/bench_distill.py --smoke --variants current,pre_change
+    PYTHONPATH=. python experiments/bench_distill.py --phases dsm --distill --guard 100,200,400
 
 FastGen (PyTorch 2.14, 2 threads, batch 16) on this machine, median of 5 process runs: DSM step
 329 ms, student iteration 626, critic 460, 1 + 4 cycle mean 497; single passes: forward 124 ms,
@@ -204,6 +209,8 @@ def distillation_programs(config, variant: str, divergences, batch: int, samplin
     for div in divergences:
         dist = modes.build_distillation(distill_config(div), teacher, mesh)
         info["disc_params"] = sum(v.size for v in jax.tree.leaves(dist.initial_state["disc"]))
+        info["state_shapes"] = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype),
+                                            dist.initial_state)
         kinds = ("student", "critic") if div == divergences[0] else ("student",)
         for kind in kinds:
             step = getattr(dist, f"{kind}_step")
@@ -226,6 +233,60 @@ def distillation_programs(config, variant: str, divergences, batch: int, samplin
 
             out.append(compile_program("teacher Heun sampler", variant, heun_draw, (params, key)))
     return out, info
+
+
+def guard_per_leaf(old, new, values):
+    """`train.guard_finite` as it was: a finiteness reduction per leaf, combined by a stack
+    (XLA:CPU's fusion pass took time superlinear in the number of leaves on this one)."""
+    flags = {}
+    for k, v in new.items():
+        if k in ("step", "nonfinite", "metrics"):
+            continue
+        leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(v)
+                  if jnp.issubdtype(x.dtype, jnp.inexact)]
+        if leaves:
+            flags[k] = jnp.all(jnp.stack(leaves))
+    checks = [jnp.all(jnp.isfinite(v)) for v in values.values()] + list(flags.values())
+    finite = jnp.all(jnp.stack(checks))
+    kept = jax.tree.map(lambda a, b: jnp.where(finite, b, a), old, new)
+    return dict(kept, step=old["step"] + 1)
+
+
+def guard_programs(shapes: dict, sizes) -> list[Program]:
+    """The finite guard alone on the first n leaves of a state shaped as `shapes` (for each n in
+    `sizes`), as the library does it and as it did (`guard_per_leaf`); the update it guards is
+    one multiply-add."""
+    state = jax.tree.map(lambda v: jnp.full(v.shape, 0.5, v.dtype), shapes)
+    from fdistill import train
+    entries = [k for k in state if k not in ("step", "nonfinite", "metrics")]
+    leaves = [(k, i, x) for k in entries for i, x in enumerate(jax.tree.leaves(state[k]))]
+    out = []
+    for n in sizes:
+        picked = leaves[:n]
+        sub = {"step": jnp.asarray(0, jnp.int32),
+               "nonfinite": train.nonfinite_record(["loss"], entries)}
+        for k in entries:
+            sub[k] = {f"{i}": jnp.copy(x) for kk, i, x in picked if kk == k}
+        sub = {k: v for k, v in sub.items() if not isinstance(v, dict) or v}
+
+        def current(s):
+            new = jax.tree.map(lambda x: x * 0.999 + 1e-6, s)
+            new["step"], new["nonfinite"] = s["step"], s["nonfinite"]
+            return train.guard_finite(s, new, {"loss": jnp.asarray(1.0)})
+
+        def earlier(s):
+            new = jax.tree.map(lambda x: x * 0.999 + 1e-6, s)
+            new["step"] = s["step"]
+            return guard_per_leaf(s, new, {"loss": jnp.asarray(1.0)})
+
+        for label, fn in (("current", current), ("per_leaf", earlier)):
+            prog = compile_program(f"finite guard, {n} leaves", "current",
+                                   jax.jit(fn, donate_argnums=0), (jax.tree.map(jnp.copy, sub),),
+                                   state_argnum=0)
+            prog.variant = label
+            out.append(prog)
+            print(f"compiled finite guard, {n} leaves, {label}: {prog.compile_s:.1f} s", flush=True)
+    return out
 
 
 def reference_programs(fastgen: str, python: str, phases, batch: int) -> list[Program] | str:
@@ -298,6 +359,9 @@ def main():
     p.add_argument("--reference_python", default=sys.executable,
                    help="the Python (with torch and FastGen's requirements) that runs it")
     p.add_argument("--smoke", action="store_true", help="16 channels, 1 block: checks the script")
+    p.add_argument("--guard", default="",
+                   help="with --distill: leaf counts (comma-separated) at which to time the finite "
+                        "guard alone, the library's formulation against the per-leaf one")
     args = p.parse_args()
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     for v in variants:
@@ -315,7 +379,7 @@ def main():
     config = network_config(args.smoke)
     den = models.get_model(config, rngs=nnx.Rngs(0))
     n_params = sum(x.size for x in jax.tree.leaves(nnx.state(den, nnx.Param)))
-    net, dist, info = [], [], {}
+    net, dist, guard, info = [], [], [], {}
     for v in variants:
         net += network_programs(config, v, phases, args.batch)
         if args.distill:
@@ -323,13 +387,16 @@ def main():
                 config, v, [d.strip() for d in args.divergences.split(",")], args.batch,
                 args.sampling)
             dist += progs
+            if args.guard and v == variants[0]:
+                guard = guard_programs(info["state_shapes"],
+                                       [int(n) for n in args.guard.split(",")])
         print(f"compiled variant {v}", flush=True)
     ref = (reference_programs(args.reference, args.reference_python, phases, args.batch)
            if args.reference and phases else None)
     if isinstance(ref, str):
         print(ref)
         ref = None
-    everything = net + dist + (ref or [])
+    everything = net + dist + guard + (ref or [])
     for _ in range(args.rounds):
         for prog in everything:
             prog.time_once()
@@ -367,6 +434,10 @@ def main():
                       f"({args.batch / one.ms * 1e3:.1f} img/s), Heun {info.get('heun_nfe')} NFE "
                       f"{heun.ms:.1f} ms ({args.batch / heun.ms * 1e3:.1f} img/s), "
                       f"speed-up {heun.ms / one.ms:.1f}x")
+    if guard:
+        n_leaves = len(jax.tree.leaves(info["state_shapes"]))
+        print_table(f"finite guard alone (the distillation state has {n_leaves} leaves)", guard,
+                    ["current", "per_leaf"], None)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
     print(f"\npeak resident memory of this process {rss:.0f} MB (all programs together); "
           f"load average after: {os.getloadavg()[0]:.2f}")

@@ -76,15 +76,18 @@ def ema_update(ema, params, rate: float):
 
 
 def _finite_flags(new: State) -> dict[str, jax.Array]:
-    """Per top-level entry of the state (parameters, EMA, optimiser state, ...): all finite."""
+    """Per top-level entry of the state (parameters, EMA, optimiser state, ...): all finite.
+
+    One reduction over the concatenation of an entry's leaves: a reduction per leaf, combined
+    afterwards, compiled superlinearly slowly in the number of leaves on XLA:CPU."""
     flags = {}
     for k, v in new.items():
         if k in ("step", "nonfinite", "metrics"):
             continue
-        leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(v)
+        leaves = [jnp.ravel(x).astype(jnp.float32) for x in jax.tree.leaves(v)
                   if jnp.issubdtype(x.dtype, jnp.inexact)]
         if leaves:
-            flags[k] = jnp.all(jnp.stack(leaves))
+            flags[k] = jnp.all(jnp.isfinite(jnp.concatenate(leaves)))
     return flags
 
 
@@ -94,6 +97,11 @@ def guard_finite(old: State, new: State, values: dict[str, jax.Array]) -> State:
 
     The first offending step, the values and which state entries were non-finite are recorded in
     ``new['nonfinite']`` for the host; the kept state is always the last finite one.
+
+    Finiteness is one reduction per state entry (`_finite_flags`): with a reduction per leaf,
+    XLA:CPU's fusion pass took time growing faster than the square of the number of leaves (a
+    distillation state has ~1,400), and the distillation steps compiled for minutes
+    (experiments/bench_distill.py --guard).
     """
     flags = _finite_flags(new)
     checks = [jnp.all(jnp.isfinite(v)) for v in values.values()] + list(flags.values())
