@@ -216,7 +216,8 @@ def distillation_programs(config, variant: str, divergences, batch: int, samplin
             step = getattr(dist, f"{kind}_step")
             name = f"{kind} iteration" + (f" ({div})" if kind == "student" else "")
             out.append(compile_program(name, variant, step,
-                                       (dist.initial_state, dist.teacher_params, gbatch),
+                                       (jax.tree.map(jnp.copy, dist.initial_state),
+                                        dist.teacher_params, gbatch),
                                        state_argnum=0))
         if sampling and div == divergences[0]:
             draw = modes.student_draw(distill_config(div), dist, batch)
