@@ -216,7 +216,8 @@ def distillation_programs(config, variant: str, divergences, batch: int, samplin
             step = getattr(dist, f"{kind}_step")
             name = f"{kind} iteration" + (f" ({div})" if kind == "student" else "")
             out.append(compile_program(name, variant, step,
-                                       (dist.initial_state, dist.teacher_params, gbatch),
+                                       (jax.tree.map(jnp.copy, dist.initial_state),
+                                        dist.teacher_params, gbatch),
                                        state_argnum=0))
         if sampling and div == divergences[0]:
             draw = modes.student_draw(distill_config(div), dist, batch)
@@ -257,6 +258,8 @@ def guard_programs(shapes: dict, sizes) -> list[Program]:
     `sizes`), as the library does it and as it did (`guard_per_leaf`); the update it guards is
     one multiply-add."""
     state = jax.tree.map(lambda v: jnp.full(v.shape, 0.5, v.dtype), shapes)
+    update = lambda s: jax.tree.map(
+        lambda x: x * 0.999 + 1e-6 if jnp.issubdtype(x.dtype, jnp.inexact) else x, s)
     from fdistill import train
     entries = [k for k in state if k not in ("step", "nonfinite", "metrics")]
     leaves = [(k, i, x) for k in entries for i, x in enumerate(jax.tree.leaves(state[k]))]
@@ -270,14 +273,14 @@ def guard_programs(shapes: dict, sizes) -> list[Program]:
         sub = {k: v for k, v in sub.items() if not isinstance(v, dict) or v}
 
         def current(s):
-            new = jax.tree.map(lambda x: x * 0.999 + 1e-6, s)
+            new = update(s)
             new["step"], new["nonfinite"] = s["step"], s["nonfinite"]
-            return train.guard_finite(s, new, {"loss": jnp.asarray(1.0)})
+            return train.guard_finite(s, new, {"loss": jnp.asarray(1.0)}), None
 
         def earlier(s):
-            new = jax.tree.map(lambda x: x * 0.999 + 1e-6, s)
+            new = update(s)
             new["step"] = s["step"]
-            return guard_per_leaf(s, new, {"loss": jnp.asarray(1.0)})
+            return guard_per_leaf(s, new, {"loss": jnp.asarray(1.0)}), None
 
         for label, fn in (("current", current), ("per_leaf", earlier)):
             prog = compile_program(f"finite guard, {n} leaves", "current",
