@@ -15,11 +15,11 @@ def get_config():
     c = distill_config(digits.get_config(), teacher_workdir="runs/digits", divergence="fkl")
     d = c.distill
     d.disc_resolutions = (8, 4)
-    d.ode_init_steps = 3000
+    d.ode_init_steps = 1000
     d.num_pairs = 4096
     d.pair_substeps = 18               # the teacher's Heun-18 (35 NFE) map
     d.ode_init_optim = optim(5e-4, weight_decay=0.0, grad_clip=0.0)
-    d.ode_init_optim.decay_steps = 3000
+    d.ode_init_optim.decay_steps = 1000
     d.student_optim = optim(1e-4, weight_decay=0.0)
     d.fake_score_optim = optim(1e-4, weight_decay=0.0, grad_clip=0.0)
     d.disc_optim = optim(1e-4, weight_decay=0.0, grad_clip=0.0)

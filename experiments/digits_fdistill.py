@@ -38,7 +38,7 @@ from fdistill import main as cli
 from fdistill import student as student_lib
 from fdistill.evaluation import classifier, inception
 
-TEACHER_SAMPLERS = (("heun", 18), ("heun", 9), ("heun", 5), ("heun", 3), ("euler_maruyama", 100))
+TEACHER_SAMPLERS = "heun:18,heun:9,heun:5,heun:3,euler_maruyama:100"
 TARGET_RATIO = 1.25          # issue 10: students within 1.25x of the teacher's 35-NFE Heun
 
 
@@ -93,6 +93,10 @@ def score(clf, x, labels, real) -> dict:
 
 def _metrics_line(row: dict) -> str:
     return f"FD {row['fd_digits']:.1f} acc {row['accuracy_digits']:.2f}"
+
+
+def table_line(r: dict) -> str:
+    return f"| {r['model']} | {r['nfe']} | {r['fd_digits']:.3f} | {r['accuracy_digits']:.3f} |"
 
 
 def samples_figure(panels: list[tuple[dict, np.ndarray]], *, per_panel: int = 36,
@@ -173,6 +177,8 @@ def main():
     p.add_argument("--distill_steps", type=int, default=3000)
     p.add_argument("--num_samples", type=int, default=2000,
                    help="samples per row, and real digits per draw")
+    p.add_argument("--teacher_samplers", default=TEACHER_SAMPLERS,
+                   help="sampler:steps list; heun:18 and heun:9 are the targets' references")
     p.add_argument("--figures_dir", default="",
                    help="also write the two figures here (e.g. docs/figures)")
     args = p.parse_args()
@@ -192,14 +198,17 @@ def main():
     rows = [{"model": "real digits (another draw)", "kind": "data", "nfe": 0,
              **score(clf, other["x"], np.asarray(other["label"]), real)}]
     panels = [(rows[-1], other["x"])]
+    print(f"row: {table_line(rows[-1])}", flush=True)
     model, _ = modes.load_teacher(tc, teacher_dir)
-    for sampler, steps in TEACHER_SAMPLERS:
+    for sampler, steps in (item.split(":") for item in args.teacher_samplers.split(",")):
+        steps = int(steps)
         draw, params = modes.teacher_sampler(tc, model, n, sampler_name=sampler, num_steps=steps)
         x, labels = draw_with_labels(draw, params, tc, n, n, jax.random.key(1))
         modes.save_samples(tc, args.workdir, x, f"teacher_{sampler}_{draw.nfe}")
         rows.append({"model": f"teacher ({sampler}, {steps} steps)", "kind": "teacher",
                      "sampler": sampler, "nfe": draw.nfe, **score(clf, x, labels, real)})
         panels.append((rows[-1], x))
+        print(f"row: {table_line(rows[-1])}", flush=True)
     init_dir = os.path.join(args.workdir, "student_init")
     bs = min(n, 256)
 
@@ -219,6 +228,7 @@ def main():
     rows.append({"model": "student/ode_init", "kind": "student", "nfe": nfe,
                  **score(clf, x, labels, real)})
     panels.append((rows[-1], x))
+    print(f"row: {table_line(rows[-1])}", flush=True)
     for name in args.divergences.split(","):
         c = student_config(name)
         wd = os.path.join(args.workdir, name)
@@ -230,6 +240,7 @@ def main():
         rows.append({"model": f"student/{name}", "kind": "student", "nfe": r["nfe"],
                      **score(clf, x, labels, real)})
         panels.append((rows[-1], x))
+        print(f"row: {table_line(rows[-1])}", flush=True)
 
     met = targets(rows)
     with open(os.path.join(args.workdir, "digits_fdistill.json"), "w") as f:
@@ -237,7 +248,7 @@ def main():
     print(f"{n} samples per row\n| model | nfe | fd_digits (in-domain, not FID) | class accuracy |"
           "\n|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {r['nfe']} | {r['fd_digits']:.3f} | {r['accuracy_digits']:.3f} |")
+        print(table_line(r))
     fd = {r["nfe"]: r["fd_digits"] for r in rows if r.get("sampler") == "heun"}
     print(f"targets (issue 10): fd_digits <= teacher 17-NFE Heun ({fd[17]:.3f}); within "
           f"{TARGET_RATIO}x of its 35-NFE Heun (<= {TARGET_RATIO * fd[35]:.3f})")
