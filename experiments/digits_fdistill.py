@@ -172,7 +172,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", default="runs/digits_fdistill")
-    p.add_argument("--divergences", default="rkl,fkl,js")
+    p.add_argument("--divergences", default="rkl,fkl,js",
+                   help="the students distilled from the shared init (empty: the init alone)")
     p.add_argument("--teacher_steps", type=int, default=4000)
     p.add_argument("--distill_steps", type=int, default=3000)
     p.add_argument("--num_samples", type=int, default=2000,
@@ -229,7 +230,7 @@ def main():
                  **score(clf, x, labels, real)})
     panels.append((rows[-1], x))
     print(f"row: {table_line(rows[-1])}", flush=True)
-    for name in args.divergences.split(","):
+    for name in [d for d in args.divergences.split(",") if d]:
         c = student_config(name)
         wd = os.path.join(args.workdir, name)
         r = cli.run(c, wd, "distill")
