@@ -2,21 +2,22 @@
 
 Trains the class-conditional DDPM++ teacher of configs/digits.py (or reuses it), samples it with
 Heun at 35, 17, 9 and 5 network evaluations and with Euler-Maruyama (100), distils one student
-per divergence with configs/distill_digits.py (all three from one ODE-regression initialisation
-onto the teacher's Heun-18 map, in <workdir>/student_init, scored as its own row "student/ode_init")
-and scores every model with the project's in-domain metrics (fdistill.evaluation.classifier): the Frechet distance in the features of a small digits
-classifier trained by the project (fd_digits; NOT FID, not comparable with published numbers) and
-the classifier's accuracy on class-conditional samples (the same random labels for every model).
-A second draw of real digits gives the floor of each metric. Prints a table, whether the one-step
-students meet issue 10's targets (fd_digits at or below the teacher's 17-NFE Heun; within 1.25x of
-its 35-NFE Heun), and writes
+per divergence with configs/distill_digits.py (all from one ODE-regression initialisation onto
+the teacher's Heun-18 map, in <workdir>/student_init, scored as its own row "student/ode_init")
+and scores every model with the project's in-domain metrics (fdistill.evaluation.classifier):
+the Frechet distance in the features of a small digits classifier trained by the project
+(fd_digits; NOT FID, not comparable with published numbers) and the classifier's accuracy on
+class-conditional samples (the same random labels for every model). A second draw of real digits
+gives the floor of each metric (above 1,797 samples both draws hold every digit, so it is then the
+dataset against itself). Prints a table, whether the one-step students meet issue 10's targets
+(fd_digits at or below the teacher's 17-NFE Heun; within 1.25x of its 35-NFE Heun), and writes
 <workdir>/digits_fdistill.json, one PNG grid per teacher sampler, and the table's two figures:
 digits_samples.png (titled panels of samples: real digits, each teacher sampler with its NFE,
 each student, with their fd_digits and accuracy; the same class labels in every model panel)
 and digits_fd_nfe.png (fd_digits against NFE, the teacher's samplers as lines, the one-step
 students as points, the real-digits floor as a dashed line; needs matplotlib, pinned in the
-[notebooks] and [test] extras). --figures_dir also writes both there (the README's are in
-docs/figures).
+[notebooks] and [test] extras). --figures_dir also writes both there
+(e.g. docs/figures).
 
     PYTHONPATH=. python experiments/digits_fdistill.py --workdir=runs/digits_fdistill \
         --teacher_steps=3000 --distill_steps=1000 --figures_dir=docs/figures
