@@ -278,7 +278,7 @@ def test_student_periodic_eval_keeps_the_best_state(digits_run, tmp_path):
     c.eval.ref_stats = os.path.join(teacher_dir, "ref_stats.npz")
     c.distill.update(teacher_workdir=teacher_dir, batch_size=8, num_steps=2, log_every=1,
                      ckpt_every=1000, eval_every=2, num_eval_samples=8, eval_batch_size=8,
-                     student_update_every=2, disc_resolutions=(8,))
+                     student_update_every=2, disc_resolutions=(8,), ode_init_steps=0)
     run = str(tmp_path)
     out = modes.distill(c, run)
     metric = "eval/fd_digits_40"
