@@ -9,7 +9,7 @@ the Frechet distance in the features of a small digits classifier trained by the
 (fd_digits; NOT FID, not comparable with published numbers) and the classifier's accuracy on
 class-conditional samples (the same random labels for every model). A second draw of real digits
 gives the floor of each metric (above 1,797 samples both draws hold every digit, so it is then the
-dataset against itself). Prints a table, whether the one-step students meet issue 10's targets
+dataset against itself). Prints a table, whether the one-step students meet the targets
 (fd_digits at or below the teacher's 17-NFE Heun; within 1.25x of its 35-NFE Heun), and writes
 <workdir>/digits_fdistill.json, one PNG grid per teacher sampler, and the table's two figures:
 digits_samples.png (titled panels of samples: real digits, each teacher sampler with its NFE,
@@ -40,7 +40,7 @@ from fdistill import student as student_lib
 from fdistill.evaluation import classifier, inception
 
 TEACHER_SAMPLERS = "heun:18,heun:9,heun:5,heun:3,euler_maruyama:100"
-TARGET_RATIO = 1.25          # issue 10: students within 1.25x of the teacher's 35-NFE Heun
+TARGET_RATIO = 1.25          # students within 1.25x of the teacher's 35-NFE Heun
 
 
 def draw_with_labels(draw, params, config, n: int, batch_size: int, key):
@@ -252,7 +252,7 @@ def main():
     for r in rows:
         print(table_line(r))
     fd = {r["nfe"]: r["fd_digits"] for r in rows if r.get("sampler") == "heun"}
-    print(f"targets (issue 10): fd_digits <= teacher 17-NFE Heun ({fd[17]:.3f}); within "
+    print(f"targets: fd_digits <= teacher 17-NFE Heun ({fd[17]:.3f}); within "
           f"{TARGET_RATIO}x of its 35-NFE Heun (<= {TARGET_RATIO * fd[35]:.3f})")
     for model, m in met.items():
         print(f"  {model}: <= 17-NFE Heun: {'met' if m['meets_17'] else 'MISSED'}; within "
