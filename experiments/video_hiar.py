@@ -9,6 +9,7 @@ and a Jensen-Shannon row; with the data, the teacher and the ODE-initialised stu
     python experiments/video_hiar.py --quick --seeds 1 --distill-steps 120   # what fits 2 cores
     python experiments/video_hiar.py --seeds 3                    # configs/video.py (GPU-sized)
     python experiments/video_hiar.py --quick --pipeline           # only: sampler timings
+    python experiments/video_hiar.py --quick --teacher-only       # only: the teacher's context use
     python experiments/video_hiar.py --merge A.json B.json        # one table from separate runs
 
 One teacher is trained (or resumed) in ``<workdir>/teacher``; per seed, the ODE pairs and the
@@ -198,6 +199,9 @@ def main(argv=None):
                         "there with the config's teacher settings)")
     p.add_argument("--variants", nargs="*", default=list(VARIANTS),
                    help=f"subset of configs/video.py's VARIANTS: {list(VARIANTS)}")
+    p.add_argument("--teacher-only", action="store_true",
+                   help="only train (or resume) the teacher and print its use of the clip's "
+                        "other frames")
     p.add_argument("--pipeline", action="store_true",
                    help="only time block-first, sequential hierarchical and pipelined sampling")
     p.add_argument("--merge", nargs="+", metavar="JSON",
@@ -231,6 +235,8 @@ def main(argv=None):
     context_use = teacher_context_use(teacher, config)
     print("teacher: frame-0 x0 error with its own clip's other frames vs another clip's:",
           json.dumps(context_use), flush=True)
+    if args.teacher_only:
+        return context_use
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     rows: dict[str, list[dict]] = {"data": [data_row(config)], "teacher (Heun, bidirectional)": [],
                                    "ODE-init student (hierarchical)": []}

@@ -13,9 +13,11 @@ Self-Forcing for the causal student):
   length: with ``window`` >= the clip length the result equals the block-causal forward pass.
 
 Layout: clips ``[B, T, H, W, C]``, per-frame noise levels ``[B, T]``. Frames are cut into
-``patch_size`` patches (tokens), embedded, and given a learned spatial position embedding; time
-enters through rotary position embeddings (RoPE) over the absolute frame index, so attention
-depends only on frame *differences* and a cache filled at earlier positions stays valid. Each
+``patch_size`` patches (tokens), embedded, and given a learned spatial position embedding.
+Attention sees positions through 3-D rotary position embeddings (RoPE): half of each head's
+channels rotate with the absolute frame index, a quarter each with the patch's row and column,
+so attention logits depend on offsets in time and space (a token can look up the same place, or
+a displaced one, in another frame) and a cache filled at earlier positions stays valid. Each
 frame's noise level conditions its tokens through adaLN-Zero modulation (DiT).
 """
 from __future__ import annotations
@@ -88,6 +90,15 @@ def rope(x: jax.Array, positions: jax.Array, base: float = 10_000.0) -> jax.Arra
     return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
 
 
+def rope_3d(x: jax.Array, frames: jax.Array, rows: jax.Array, cols: jax.Array) -> jax.Array:
+    """RoPE over (frame, row, column) of ``x [B, S, heads, d]``, positions ``[S]`` each: the
+    first ``d / 2`` channels rotate with the frame index, ``d / 4`` each with the patch row and
+    column (base 100: a few patches span the useful frequencies)."""
+    t, s = x.shape[-1] // 2, x.shape[-1] // 4
+    return jnp.concatenate([rope(x[..., :t], frames), rope(x[..., t:t + s], rows, base=100.0),
+                            rope(x[..., t + s:], cols, base=100.0)], axis=-1)
+
+
 def attend(q, k, v, mask) -> jax.Array:
     """softmax(q k^T / sqrt(d) masked) v; ``q [B,S,h,d]``, ``k, v [B,S',h,d]``, ``mask [S,S']``.
 
@@ -114,8 +125,9 @@ class Block(nnx.Module):
     """Pre-LN transformer block with per-frame adaLN-Zero (shift, scale, gate) modulation."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: int, *, rngs: nnx.Rngs):
-        if dim % num_heads or (dim // num_heads) % 2:
-            raise ValueError(f"dim {dim} must split into {num_heads} heads of even size (RoPE).")
+        if dim % num_heads or (dim // num_heads) % 8:
+            raise ValueError(f"dim {dim} must split into {num_heads} heads of a size divisible "
+                             f"by 8 (3-D RoPE: a half and two even quarters).")
         self.num_heads = num_heads
         self.norm1 = nnx.LayerNorm(dim, use_scale=False, use_bias=False, epsilon=1e-6, rngs=rngs)
         self.norm2 = nnx.LayerNorm(dim, use_scale=False, use_bias=False, epsilon=1e-6, rngs=rngs)
@@ -136,8 +148,11 @@ class Block(nnx.Module):
         shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(mod, 6, axis=-1)
         x = _modulate(self.norm1(h), shift1, scale1).reshape(b, f * n, d)
         q, k, v = jnp.split(self.qkv(x).reshape(b, f * n, 3, self.num_heads, -1), 3, axis=2)
-        token_pos = jnp.repeat(positions, n)
-        q, k, v = rope(q[:, :, 0], token_pos), rope(k[:, :, 0], token_pos), v[:, :, 0]
+        frames = jnp.repeat(positions, n)
+        grid = math.isqrt(n)
+        rows, cols = (jnp.tile(a, f) for a in (jnp.arange(n) // grid, jnp.arange(n) % grid))
+        q, k, v = (rope_3d(q[:, :, 0], frames, rows, cols), rope_3d(k[:, :, 0], frames, rows, cols),
+                   v[:, :, 0])
         keys, values = (k, v) if prefix is None else (jnp.concatenate([prefix[0], k], 1),
                                                       jnp.concatenate([prefix[1], v], 1))
         a = self.proj(attend(q, keys, values, mask).reshape(b, f * n, d)).reshape(b, f, n, d)
