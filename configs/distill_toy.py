@@ -8,8 +8,8 @@ Any divergence: --config.distill.divergence=rkl | js | sh | srkl | jeffreys | ne
 Several students of one teacher can share the ODE-regression initialisation:
 --config.distill.init_workdir=runs/toy_init (the quickstart does).
 
-The recipe, measured on ring8 (experiments/toy_divergences.py, experiments/quickstart_seeds.py;
-the README's tables):
+The recipe, measured on ring8 (experiments/toy_trajectory.py for the single runs below,
+experiments/quickstart_seeds.py over seeds; the README's tables):
 - A one-step student must map the noise plane onto 8 tight modes, which needs a map that is
   steep where the teacher's ODE splits the noise between modes. Started from the teacher's
   weights, distribution matching sharpens it slowly: after 2,000 iterations the students kept
