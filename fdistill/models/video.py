@@ -150,6 +150,8 @@ class Block(nnx.Module):
         q, k, v = jnp.split(self.qkv(x).reshape(b, f * n, 3, self.num_heads, -1), 3, axis=2)
         frames = jnp.repeat(positions, n)
         grid = math.isqrt(n)
+        if grid * grid != n:
+            raise ValueError(f"3-D RoPE needs a square grid of patches per frame; got {n} patches.")
         rows, cols = (jnp.tile(a, f) for a in (jnp.arange(n) // grid, jnp.arange(n) % grid))
         q, k, v = (rope_3d(q[:, :, 0], frames, rows, cols), rope_3d(k[:, :, 0], frames, rows, cols),
                    v[:, :, 0])
