@@ -8,8 +8,9 @@ Any divergence: --config.distill.divergence=rkl | js | sh | srkl | jeffreys | ne
 Several students of one teacher can share the ODE-regression initialisation:
 --config.distill.init_workdir=runs/toy_init (the quickstart does).
 
-The recipe, measured on ring8 (experiments/toy_trajectory.py for the single runs below,
-experiments/quickstart_seeds.py over seeds; the README's tables):
+The recipe, measured on ring8 with the teacher's earlier 128-wide MLP (experiments/toy_trajectory.py
+for the single runs below; experiments/quickstart_seeds.py over seeds gives the README's tables,
+with the current 64-wide MLP):
 - A one-step student must map the noise plane onto 8 tight modes, which needs a map that is
   steep where the teacher's ODE splits the noise between modes. Started from the teacher's
   weights, distribution matching sharpens it slowly: after 2,000 iterations the students kept

@@ -217,7 +217,7 @@ def distillation_programs(config, variant: str, divergences, batch: int, samplin
             name = f"{kind} iteration" + (f" ({div})" if kind == "student" else "")
             out.append(compile_program(name, variant, step,
                                        (jax.tree.map(jnp.copy, dist.initial_state),
-                                        dist.teacher_params, gbatch),
+                                        dist.teacher_params, gbatch, dist.key),
                                        state_argnum=0))
         if sampling and div == divergences[0]:
             draw = modes.student_draw(distill_config(div), dist, batch)

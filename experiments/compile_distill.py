@@ -78,7 +78,7 @@ def main():
     for kind in ("critic", "student"):
         if kind in steps:
             lowered = getattr(dist, f"{kind}_step").lower(dist.initial_state, dist.teacher_params,
-                                                          batch)
+                                                          batch, dist.key)
             report(f"{kind} step", lowered)
 
 

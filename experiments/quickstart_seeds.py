@@ -8,6 +8,10 @@ every student meets: recall 1.0, precision >= 0.85, KL(q||p) <= 2 nats, at every
 times are those of this invocation (a resumed seed reports its re-evaluation only).
 
     PYTHONPATH=. python experiments/quickstart_seeds.py --workdir=runs/quickstart_seeds --seeds=0,1,2
+
+`--set` changes the recipe for a trial: keys under `distill.` go to the students'
+configs/distill_toy.py, the others to the teacher's configs/toy.py, e.g.
+`--set model.hidden=64 distill.num_steps=400`.
 """
 from __future__ import annotations
 
@@ -18,17 +22,21 @@ import os
 import numpy as np
 
 from configs import toy
+from experiments.toy_diagnostics import parse_overrides
 from fdistill import quickstart
 
 METRICS = ("recall", "precision", "mode_tv", "kl_pq", "kl_qp")
 
 
-def run(workdir: str, seeds) -> dict:
+def run(workdir: str, seeds, overrides: dict | None = None) -> dict:
+    overrides = dict(overrides or {})
+    student = {k: v for k, v in overrides.items() if k.startswith("distill.")}
     per_seed = {}
     for seed in seeds:
         c = toy.get_config()
+        c.update_from_flattened_dict({k: v for k, v in overrides.items() if k not in student})
         c.seed = seed
-        per_seed[seed] = quickstart.run(c, os.path.join(workdir, f"seed{seed}"))
+        per_seed[seed] = quickstart.run(c, os.path.join(workdir, f"seed{seed}"), student)
     return per_seed
 
 
@@ -60,8 +68,11 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workdir", default="runs/quickstart_seeds")
     p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--set", nargs="*", default=[],
+                   help="recipe overrides, e.g. model.hidden=64 distill.num_steps=400")
     args = p.parse_args()
-    per_seed = run(args.workdir, [int(s) for s in args.seeds.split(",")])
+    per_seed = run(args.workdir, [int(s) for s in args.seeds.split(",")],
+                   parse_overrides(args.set))
     text, _ = summary(per_seed)
     print(text)
     with open(os.path.join(args.workdir, "quickstart_seeds.json"), "w") as f:

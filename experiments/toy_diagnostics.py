@@ -150,8 +150,8 @@ def use_oracle_ratio(distillation, mixture, num_ref: int = 4096):
         raise ValueError("--ratio=oracle needs distill.feature_source='teacher' and no guidance")
     d = distillation
 
-    def student_step(state, teacher_params, batch):
-        key = jax.random.fold_in(d.key, state["step"])
+    def student_step(state, teacher_params, batch, key):
+        key = jax.random.fold_in(key, state["step"])
         base_teacher = d.denoiser(teacher_params)
         fake = d.denoiser(state["fake_score"])
         shape = (num_ref,) + batch["x"].shape[1:]
@@ -175,7 +175,8 @@ def use_oracle_ratio(distillation, mixture, num_ref: int = 4096):
 
     d.student_step = jax.jit(
         student_step, donate_argnums=0,
-        in_shardings=(d.state_sharding, d.teacher_sharding, sharding.batch_sharding(d.mesh)),
+        in_shardings=(d.state_sharding, d.teacher_sharding, sharding.batch_sharding(d.mesh),
+                      sharding.replicated(d.mesh)),
         out_shardings=(d.state_sharding, sharding.replicated(d.mesh)))
     return d
 

@@ -75,7 +75,7 @@ class Distillation:
         jit = lambda fn: jax.jit(
             fn, donate_argnums=0,
             in_shardings=(self.state_sharding, self.teacher_sharding,
-                          sharding.batch_sharding(mesh)),
+                          sharding.batch_sharding(mesh), sharding.replicated(mesh)),
             out_shardings=(self.state_sharding, sharding.replicated(mesh)))
         self.student_step = jit(self._student_step)
         self.critic_step = jit(self._critic_step)
@@ -96,8 +96,8 @@ class Distillation:
         return new, new["metrics"]
 
     # --- the two steps -----------------------------------------------------------------------
-    def _student_step(self, state, teacher_params, batch):
-        key = jax.random.fold_in(self.key, state["step"])
+    def _student_step(self, state, teacher_params, batch, key):
+        key = jax.random.fold_in(key, state["step"])
         teacher = self.denoiser(teacher_params)
         fake = self.denoiser(state["fake_score"])
         disc = self.discriminator(state["disc"])
@@ -121,8 +121,8 @@ class Distillation:
         return self._finish(state, new, metrics,
                             {"student/loss": loss, "student/grad_norm": grad_norm})
 
-    def _critic_step(self, state, teacher_params, batch):
-        key = jax.random.fold_in(self.key, state["step"])
+    def _critic_step(self, state, teacher_params, batch, key):
+        key = jax.random.fold_in(key, state["step"])
         teacher = self.denoiser(teacher_params)
         student = self.denoiser(state["student"])
 
@@ -150,9 +150,11 @@ class Distillation:
         return i % self.every == 0
 
     def step(self, state, i: int, batch):
-        """Iteration i: the student step if i % student_update_every == 0, else the critic step."""
+        """Iteration i: the student step if i % student_update_every == 0, else the critic step.
+        Both are jitted ``(state, teacher_params, batch, key) -> (state, metrics)``; the seed's
+        key is an argument, not a constant, so one compiled program serves every seed."""
         fn = self.student_step if self.is_student_iteration(i) else self.critic_step
-        return fn(state, self.teacher_params, batch)
+        return fn(state, self.teacher_params, batch, self.key)
 
     # --- sampling ----------------------------------------------------------------------------
     def sample_fn(self):

@@ -36,23 +36,27 @@ def _title(what: str, row: dict) -> str:
     return f"{what}\n{row['nfe']} NFE\nP {row['precision']:.2f} R {row['recall']:.2f}"
 
 
-def student_config(config, teacher_dir: str, divergence: str,
-                   init_dir: str = "") -> ml_collections.ConfigDict:
-    """``configs/distill_toy.py`` for the teacher in ``teacher_dir``, with the quickstart's seed
-    and the students' shared ODE-regression initialisation in ``init_dir``."""
+def student_config(config, teacher_dir: str, divergence: str, init_dir: str = "",
+                   overrides: dict | None = None) -> ml_collections.ConfigDict:
+    """``configs/distill_toy.py`` for the teacher in ``teacher_dir``, with the quickstart's seed,
+    the students' shared ODE-regression initialisation in ``init_dir`` and ``overrides``
+    (flattened keys, e.g. ``{'distill.num_steps': 400}``)."""
     from configs import distill_toy
     c = distill_toy.get_config()
     c.seed = config.seed
     c.distill.teacher_workdir = teacher_dir
     c.distill.divergence = divergence
     c.distill.init_workdir = init_dir
+    c.update_from_flattened_dict(dict(overrides or {}))
     return c
 
 
-def init_samples(config, teacher_dir: str, init_dir: str, n: int, key) -> np.ndarray:
+def init_samples(config, teacher_dir: str, init_dir: str, n: int, key,
+                 overrides: dict | None = None) -> np.ndarray:
     """One-step samples of the ODE-regression initialisation in ``init_dir`` (computed there if
     missing), before any distribution matching."""
-    resolved, teacher, _ = modes.teacher_of(student_config(config, teacher_dir, "rkl", init_dir))
+    resolved, teacher, _ = modes.teacher_of(
+        student_config(config, teacher_dir, "rkl", init_dir, overrides))
     init = modes.regression_init(resolved, teacher, init_dir, sharding.make_mesh())
     graphdef, params, others = train.split(init)
     sigmas = student_lib.student_sigmas(teacher.process, 1)
@@ -66,11 +70,27 @@ def init_samples(config, teacher_dir: str, init_dir: str, n: int, key) -> np.nda
     return np.asarray(draw(params))
 
 
-def run(config, workdir: str) -> dict:
+class _Phases:
+    """Wall seconds of each phase of the run, in order (``lap(name)`` ends the current one)."""
+
+    def __init__(self):
+        self.seconds, self._t = {}, time.time()
+
+    def lap(self, name: str) -> None:
+        now = time.time()
+        self.seconds[name] = round(now - self._t, 1)
+        self._t = now
+
+
+def run(config, workdir: str, student_overrides: dict | None = None) -> dict:
+    """The quickstart in ``workdir`` for the toy teacher ``config``; ``student_overrides`` change
+    ``configs/distill_toy.py`` for the students (flattened keys)."""
     start_wall, start_cpu = time.time(), time.process_time()
+    phases = _Phases()
     os.makedirs(workdir, exist_ok=True)
     teacher_dir = os.path.join(workdir, "teacher")
     modes.train_teacher(config, teacher_dir)
+    phases.lap("teacher")
     model, _ = modes.load_teacher(config, teacher_dir)
     n = config.sampling.num_samples
     key = jax.random.key(config.seed + 1)
@@ -86,28 +106,32 @@ def run(config, workdir: str) -> dict:
         rows.append({"model": f"teacher/{name}", "nfe": draw.nfe, **modes.toy_metrics(config, x)})
         panels.append(monitor.density_image(x, extent=extent))
         titles.append(_title(f"teacher, {name}", rows[-1]))
+    phases.lap("teacher samplers")
     init_dir = os.path.join(workdir, "student_init")
-    x = init_samples(config, teacher_dir, init_dir, n, key)
+    x = init_samples(config, teacher_dir, init_dir, n, key, student_overrides)
     rows.append({"model": "student/ode_init", "nfe": 1, **modes.toy_metrics(config, x)})
     panels.append(monitor.density_image(x, extent=extent))
     titles.append(_title("student, ODE init", rows[-1]))
+    phases.lap("ODE init")
     for divergence in STUDENTS:
         student_dir = os.path.join(workdir, f"student_{divergence}")
-        out = modes.distill(student_config(config, teacher_dir, divergence, init_dir),
-                            student_dir)
+        out = modes.distill(student_config(config, teacher_dir, divergence, init_dir,
+                                           student_overrides), student_dir)
         x = np.load(os.path.join(student_dir, "student_samples.npz"))["samples"][:n]
         rows.append({"model": f"student/{divergence}", "nfe": out["nfe"],
                      **modes.toy_metrics(config, x)})
         panels.append(monitor.density_image(x, extent=extent))
         titles.append(_title(f"student, {divergence}", rows[-1]))
+        phases.lap(f"student {divergence}")
     png = os.path.join(workdir, "quickstart.png")
     monitor.save_png(png, monitor.panel_row(panels, titles=titles))
     timing = {"wall_s": round(time.time() - start_wall, 1),
-              "cpu_s": round(time.process_time() - start_cpu, 1)}
+              "cpu_s": round(time.process_time() - start_cpu, 1), "phases_s": phases.seconds}
     results = {"quickstart": rows, "time": timing}
     path = monitor.write_results(workdir, results)
     if jax.process_index() == 0:
         print(_table(rows))
-        print(f"wall {timing['wall_s']} s, CPU {timing['cpu_s']} s (all cores)")
+        print(f"wall {timing['wall_s']} s, CPU {timing['cpu_s']} s (all cores); wall by phase: "
+              + ", ".join(f"{k} {v} s" for k, v in phases.seconds.items()))
         print(f"results: {path}\nplot (truth, then each row, titled): {png}")
     return results

@@ -22,6 +22,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fdistill.sde import EDM, SDE, bcast, karras_grid
 
@@ -220,14 +221,22 @@ def ode_step(denoise, x, s, s_next, *, second_order: bool = True):
 def heun_trajectory(denoise, x, sigmas, *, record=()) -> tuple[jax.Array, list[jax.Array]]:
     """Heun (EDM Algorithm 1) from x at sigmas[0] along an explicit decreasing grid ending at 0
     (Euler for the last step to 0), with `denoise(x, sigma [B])` in EDM's space. Returns the end
-    point and the states at the grid indices in `record` (e.g. a student's levels)."""
-    kept = []
-    for i in range(len(sigmas) - 1):
-        if i in record:
+    point and the states at the grid indices in `record` (e.g. a student's levels), in grid
+    order. The steps between recorded states are `lax.fori_loop`s: compile time does not grow
+    with the grid."""
+    grid = np.asarray(sigmas, np.float32)
+    num_heun = len(grid) - 1 - int(grid[-1] == 0)
+    sig = jnp.asarray(grid)
+    step = lambda i, y: ode_step(lambda z, t: denoise(z, _vec(t, z)), y, sig[i], sig[i + 1])
+    kept, i = [], 0
+    for stop in sorted({int(r) for r in record} | {num_heun}):
+        x = jax.lax.fori_loop(i, stop, step, x) if stop > i else x
+        if stop in record:
             kept.append(x)
-        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
-        x = ode_step(lambda y, t: denoise(y, _vec(t, y)), x, s, s_next,
-                     second_order=s_next > 0)
+        i = stop
+    if num_heun < len(grid) - 1:
+        x = ode_step(lambda z, t: denoise(z, _vec(t, z)), x, sig[-2], sig[-1],
+                     second_order=False)
     return x, kept
 
 

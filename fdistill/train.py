@@ -13,6 +13,7 @@ and stops with the step and the metric, so a good checkpoint is never overwritte
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Any, Callable
 
@@ -161,10 +162,12 @@ def state_shardings(state: State, mesh, mode: str = "replicated"):
 
 def make_teacher_step(graphdef, others, loss_fn: Callable, tx, *, ema_rate: float,
                       key: jax.Array, mesh, state_sharding):
-    """One jitted step: loss and grads, optax update, EMA, finite guard; state donated."""
+    """One jitted step ``step(state, batch) -> (state, metrics)``: loss and grads, optax update,
+    EMA, finite guard; state donated. ``key`` is passed to the compiled program as an argument
+    (not baked in as a constant), so runs that differ only in their seed share one program."""
 
-    def step_fn(state: State, batch) -> tuple[State, dict]:
-        step_key = jax.random.fold_in(key, state["step"])
+    def step_fn(step_key: jax.Array, state: State, batch) -> tuple[State, dict]:
+        step_key = jax.random.fold_in(step_key, state["step"])
 
         def objective(params):
             return loss_fn(merge(graphdef, params, others), step_key, batch)
@@ -178,9 +181,11 @@ def make_teacher_step(graphdef, others, loss_fn: Callable, tx, *, ema_rate: floa
                    ema=ema_update(state["ema"], params, ema_rate))
         return guard_finite(state, new, {"train/loss": loss, "train/grad_norm": grad_norm}), metrics
 
-    return jax.jit(step_fn, donate_argnums=0,
-                   in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
-                   out_shardings=(state_sharding, sharding.replicated(mesh)))
+    jitted = jax.jit(step_fn, donate_argnums=1,
+                     in_shardings=(sharding.replicated(mesh), state_sharding,
+                                   sharding.batch_sharding(mesh)),
+                     out_shardings=(state_sharding, sharding.replicated(mesh)))
+    return functools.partial(jitted, key)
 
 
 # ---------------------------------------------------------------------------------------------
