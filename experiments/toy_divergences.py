@@ -6,7 +6,10 @@ seed is distilled from it (configs/distill_toy.py; the divergences of one toy an
 ODE-regression initialisation, scored as its own row `ode_init`). Prints, per toy and divergence,
 the mean and sample standard deviation over seeds of mode recall, precision, total variation of
 the mass per mode against the true weights and both KL estimates (fdistill.evaluation.toy), plus
-the teacher's Heun row; writes everything to <workdir>/toy_divergences.json.
+the teacher's Heun row; writes everything to <workdir>/toy_divergences.json and, per toy, a
+figure <workdir>/toy_<toy>.png: titled density panels of the truth, the teacher's Heun samples,
+the first seed's initialisation and each divergence's first-seed student (--figures_dir also
+writes the figures there, e.g. docs/figures).
 
     PYTHONPATH=. python experiments/toy_divergences.py --workdir=runs/toy_divergences
     PYTHONPATH=. python experiments/toy_divergences.py --toys=unbalanced --seeds=0 \
@@ -24,18 +27,32 @@ import jax
 import numpy as np
 
 from configs import distill_toy, toy
-from fdistill import divergences, modes, quickstart
+from fdistill import data, divergences, modes, monitor, quickstart
 from fdistill import main as cli
 
 METRICS = ("recall", "precision", "mode_tv", "kl_pq", "kl_qp")
 
 
-def teacher_row(config, workdir: str) -> dict:
+def teacher_row(config, workdir: str) -> tuple[dict, np.ndarray]:
+    """The teacher's Heun row and its samples."""
     model, _ = modes.load_teacher(config, workdir)
     s = config.sampling
     draw, params = modes.teacher_sampler(config, model, s.batch_size)
     x = modes.draw_samples(draw, params, config, s.num_samples, s.batch_size, jax.random.key(1))
-    return {"nfe": draw.nfe, **modes.toy_metrics(config, x)}
+    return {"nfe": draw.nfe, **modes.toy_metrics(config, x)}, x
+
+
+def panel(config, x, title: str, row: dict | None = None) -> tuple[np.ndarray, str]:
+    """A titled density panel (precision, recall and mode weights' TV under the title)."""
+    if row is not None:
+        title += (f"\nP {row['precision']:.2f} R {row['recall']:.2f}"
+                  f"\nTV {row['mode_tv']:.3f}")
+    return monitor.density_image(np.asarray(x), extent=modes.toy_extent(config)), title
+
+
+def save_figure(panels: list, path: str) -> None:
+    images, titles = zip(*panels)
+    monitor.save_png(path, monitor.panel_row(list(images), titles=list(titles)))
 
 
 def init_dir(args, toy_name: str, seed: int) -> str:
@@ -54,12 +71,19 @@ def run(args) -> dict:
             tc.training.num_steps = tc.training.ckpt_every = args.teacher_steps
         teacher_dir = os.path.join(args.workdir, toy_name, "teacher")
         cli.run(tc, teacher_dir, "train")
-        rows = {"teacher (Heun)": [teacher_row(tc, teacher_dir)], "ode_init": []}
+        heun_row, x = teacher_row(tc, teacher_dir)
+        rows = {"teacher (Heun)": [heun_row], "ode_init": []}
+        truth = data.get_dataset(tc.data, global_batch_size=8, seed=0).sample(
+            jax.random.key(0), tc.sampling.num_samples)
+        panels = [panel(tc, truth, f"truth: {toy_name}"),
+                  panel(tc, x, f"teacher, Heun\n{heun_row['nfe']} NFE", heun_row)]
         for seed in (int(s) for s in args.seeds.split(",")):
             tc.seed = seed
             x = quickstart.init_samples(tc, teacher_dir, init_dir(args, toy_name, seed),
                                         tc.sampling.num_samples, jax.random.key(seed + 1))
             rows["ode_init"].append({"nfe": 1, **modes.toy_metrics(tc, x)})
+            if len(rows["ode_init"]) == 1:
+                panels.append(panel(tc, x, "student, ODE init", rows["ode_init"][0]))
         for name in names:
             rows[name] = []
             for seed in (int(s) for s in args.seeds.split(",")):
@@ -73,10 +97,20 @@ def run(args) -> dict:
                     c.distill.divergence_params.alpha = args.alpha
                 if args.distill_steps:
                     c.distill.num_steps = c.distill.ckpt_every = args.distill_steps
-                r = cli.run(c, os.path.join(args.workdir, toy_name, name, f"seed{seed}"),
-                             "distill")
+                student_dir = os.path.join(args.workdir, toy_name, name, f"seed{seed}")
+                r = cli.run(c, student_dir, "distill")
                 rows[name].append({"nfe": r["nfe"], **{m: r[f"student/{m}"] for m in METRICS}})
+                if len(rows[name]) == 1:
+                    with np.load(os.path.join(student_dir, "student_samples.npz")) as f:
+                        x = f["samples"][:tc.sampling.num_samples]
+                    panels.append(panel(tc, x, f"student, {name}\n{r['nfe']} NFE", rows[name][0]))
         out[toy_name] = rows
+        paths = [os.path.join(args.workdir, f"toy_{toy_name}.png")]
+        if args.figures_dir:
+            os.makedirs(args.figures_dir, exist_ok=True)
+            paths.append(os.path.join(args.figures_dir, f"toy_{toy_name}.png"))
+        for path in paths:
+            save_figure(panels, path)
     return out
 
 
@@ -104,6 +138,7 @@ def main():
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--teacher_steps", type=int, default=0, help="0: configs/toy.py's")
     p.add_argument("--distill_steps", type=int, default=0, help="0: configs/distill_toy.py's")
+    p.add_argument("--figures_dir", default="", help="also write the figures here")
     args = p.parse_args()
     out = run(args)
     os.makedirs(args.workdir, exist_ok=True)
