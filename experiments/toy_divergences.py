@@ -43,10 +43,11 @@ def teacher_row(config, workdir: str) -> tuple[dict, np.ndarray]:
 
 
 def panel(config, x, title: str, row: dict | None = None) -> tuple[np.ndarray, str]:
-    """A titled density panel (precision, recall and mode weights' TV under the title)."""
+    """A titled density panel (precision, recall and mode weights' TV on the title's last line;
+    titles have at most three lines)."""
     if row is not None:
-        title += (f"\nP {row['precision']:.2f} R {row['recall']:.2f}"
-                  f"\nTV {row['mode_tv']:.3f}")
+        title += (f"\nP {row['precision']:.2f} R {row['recall']:.2f} "
+                  f"TV {row['mode_tv']:.3f}")
     return monitor.density_image(np.asarray(x), extent=modes.toy_extent(config)), title
 
 
@@ -83,7 +84,7 @@ def run(args) -> dict:
                                         tc.sampling.num_samples, jax.random.key(seed + 1))
             rows["ode_init"].append({"nfe": 1, **modes.toy_metrics(tc, x)})
             if len(rows["ode_init"]) == 1:
-                panels.append(panel(tc, x, "student, ODE init", rows["ode_init"][0]))
+                panels.append(panel(tc, x, "student, ODE init\n1 NFE", rows["ode_init"][0]))
         for name in names:
             rows[name] = []
             for seed in (int(s) for s in args.seeds.split(",")):

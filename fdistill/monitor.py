@@ -176,7 +176,10 @@ def _titled(image: np.ndarray, title: str, *, line_height: int = 11,
     """An HxW or HxWx3 uint8 image with ``title`` (lines split on newlines, at most
     ``max_lines``) written in black in a white band above it."""
     from PIL import ImageDraw
-    lines = title.split("\n")[:max_lines]
+    lines = title.split("\n")
+    if len(lines) > max_lines:
+        raise ValueError(f"the panel title {title!r} has {len(lines)} lines; at most {max_lines} "
+                         f"fit above a panel: join some of them.")
     rgb = image.ndim == 3
     band = Image.new("RGB" if rgb else "L", (image.shape[1], line_height * max_lines + 4),
                      (255, 255, 255) if rgb else 255)

@@ -3,6 +3,7 @@ import importlib.util
 import os
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from fdistill import monitor
@@ -77,7 +78,7 @@ def test_toy_divergence_figure_titles_each_panel_with_its_metrics(tmp_path):
     x = np.random.default_rng(0).normal(0, 0.05, (512, 2)) + np.array([2.0, 0.0])
     row = {"precision": 0.951, "recall": 1.0, "mode_tv": 0.0234}
     image, title = toy_divergences.panel(config, x, "student, fkl\n1 NFE", row)
-    assert title == "student, fkl\n1 NFE\nP 0.95 R 1.00\nTV 0.023"
+    assert title == "student, fkl\n1 NFE\nP 0.95 R 1.00 TV 0.023"
     np.testing.assert_array_equal(image, monitor.density_image(x, extent=3.7))
     truth = toy_divergences.panel(config, x, "truth: ring8")
     toy_divergences.save_figure([truth, (image, title)], str(tmp_path / "toy_ring8.png"))
@@ -85,3 +86,5 @@ def test_toy_divergence_figure_titles_each_panel_with_its_metrics(tmp_path):
     np.testing.assert_array_equal(
         got, monitor.panel_row([truth[0], image], titles=["truth: ring8", title]))
     assert (image < 255).sum() > 0 and image.shape == (160, 160)
+    with pytest.raises(ValueError, match="4 lines"):
+        monitor.panel_row([image], titles=["a\nb\nc\nd"])
