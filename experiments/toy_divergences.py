@@ -15,7 +15,9 @@ writes the figures there, e.g. docs/figures).
     PYTHONPATH=. python experiments/toy_divergences.py --toys=unbalanced --seeds=0 \
         --divergences=rkl,fkl,js --distill_steps=1000          # a quick look
 
-Runs resume: teachers and students already in the workdir are not retrained.
+Runs resume: teachers and students already in the workdir are not retrained. `--set` changes the
+teachers' configs/toy.py (the students follow their teacher's network), e.g. `--set
+model.hidden=128` for the grid, whose 25 modes the 64-wide default MLP learns poorly.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ import jax
 import numpy as np
 
 from configs import distill_toy, toy
+from experiments.toy_diagnostics import parse_overrides
 from fdistill import data, divergences, modes, monitor, quickstart
 from fdistill import main as cli
 
@@ -67,6 +70,7 @@ def run(args) -> dict:
     out = {}
     for toy_name in args.toys.split(","):
         tc = toy.get_config()
+        tc.update_from_flattened_dict(parse_overrides(args.set))
         tc.data.toy = toy_name
         if args.teacher_steps:
             tc.training.num_steps = tc.training.ckpt_every = args.teacher_steps
@@ -140,6 +144,8 @@ def main():
     p.add_argument("--teacher_steps", type=int, default=0, help="0: configs/toy.py's")
     p.add_argument("--distill_steps", type=int, default=0, help="0: configs/distill_toy.py's")
     p.add_argument("--figures_dir", default="", help="also write the figures here")
+    p.add_argument("--set", nargs="*", default=[],
+                   help="teacher config overrides, e.g. model.hidden=128")
     args = p.parse_args()
     out = run(args)
     os.makedirs(args.workdir, exist_ok=True)

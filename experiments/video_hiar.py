@@ -3,7 +3,10 @@
 Rows (``configs/video.py``'s VARIANTS, each distilled by ``fdistill.modes.distill``):
 Self-Forcing order (block-first), w/o FKL (hierarchical), FKL bidirectional K=1 (HiAR), causal
 K=1, K=2, K=4, w/o re-training (the block-first student sampled hierarchically), context t_j,
-and a Jensen-Shannon row; with the data, the teacher and the ODE-initialised student.
+and a Jensen-Shannon row; with the data, the teacher and the ODE-initialised student. Writes
+``<workdir>/video_rollouts.png`` (and to ``--figures_dir``): per row, the first seed's first clip
+as a filmstrip (every other frame of the long rollout; the teacher's training-length clip),
+titled with its speed ratio and shape error.
 
     python experiments/video_hiar.py --quick                      # configs/video_quick.py, 3 seeds
     python experiments/video_hiar.py --quick --seeds 1 --distill-steps 120   # what fits 2 cores
@@ -48,6 +51,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax                                              # noqa: E402
 import numpy as np                                      # noqa: E402
+
+from fdistill import monitor                            # noqa: E402
 
 from configs.video import VARIANTS                      # noqa: E402
 from fdistill import checkpoint, modes, train           # noqa: E402
@@ -109,6 +114,50 @@ def _strip(out: dict, prefix: str) -> dict:
     if "long/speed_ratio_per_segment" in row:
         row["long/speed_ratio_last"] = row["long/speed_ratio_per_segment"][-1]
     return row
+
+
+def filmstrip(clip: np.ndarray, *, stride: int = 1, scale: int = 3) -> np.ndarray:
+    """One clip ``[T, H, W, C]`` in [-1, 1] as a row of every ``stride``-th frame (uint8,
+    enlarged ``scale`` times, 1-pixel gaps)."""
+    frames = np.asarray(clip)[::stride]
+    return monitor.enlarge(monitor.image_grid(frames, ncols=len(frames)), scale)
+
+
+def rollouts_figure(entries: list[tuple[str, dict | None, np.ndarray]], path: str, *,
+                    stride: int = 2) -> str:
+    """One titled filmstrip per model (``entries``: name, its table row or None, its clips):
+    the first clip's frames at ``stride``, under the name and, when there is a row, the
+    speed ratio and shape error at the training length."""
+    images, titles = [], []
+    for name, row, clips in entries:
+        images.append(filmstrip(np.asarray(clips)[0], stride=stride))
+        line = "" if row is None else (f"\nspeed ratio {row['speed_ratio']:.2f}, "
+                                       f"shape err {row['shape_error']:.3f}")
+        titles.append(name + line)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    monitor.save_png(path, monitor.panel_grid(images, titles=titles, ncols=1))
+    return path
+
+
+def seed_rollouts(args, config, rows: dict, seed: int, teacher_dir: str) -> list:
+    """(name, row, clips) of the data, the teacher, the initialised student and every variant
+    for ``rollouts_figure``, from what the run saved for ``seed``."""
+    load = lambda d, name: np.load(os.path.join(d, f"{name}.npz"))["samples"]
+    t = config.data.num_frames
+    data = modes.dataset(config, 4, seed=1234).batch(
+        1, num_frames=t * config.eval.rollout_factor)["x"]
+    first = lambda label: rows[label][0] if rows.get(label) else None
+    out = [("data", first("data"), data),
+           ("teacher (Heun, bidirectional)", first("teacher (Heun, bidirectional)"),
+            load(teacher_dir, "samples")),
+           ("ODE-init student (hierarchical)", first("ODE-init student (hierarchical)"),
+            load(os.path.join(args.workdir, f"init_seed{seed}"), "student_rollout"))]
+    for name in args.variants:
+        vdir = os.path.join(args.workdir, f"{name}_seed{seed}")
+        out.append((LABELS[name], first(LABELS[name]), load(vdir, "student_rollout")))
+        if name == "self_forcing":
+            out.append((NO_RETRAINING, first(NO_RETRAINING), load(vdir, "rollout_hierarchical")))
+    return out
 
 
 def data_row(config) -> dict:
@@ -204,6 +253,8 @@ def main(argv=None):
                         "other frames")
     p.add_argument("--pipeline", action="store_true",
                    help="only time block-first, sequential hierarchical and pipelined sampling")
+    p.add_argument("--figures_dir", default="",
+                   help="also write video_rollouts.png (titled filmstrips) there")
     p.add_argument("--merge", nargs="+", metavar="JSON",
                    help="combine the rows of finished runs into one table and exit")
     args = p.parse_args(argv)
@@ -286,6 +337,10 @@ def main(argv=None):
                "rows": rows, "teacher_context_use": context_use,
                "distill_seconds": timings, "teacher_seconds": t_teacher,
                "total_seconds": time.time() - t_start}
+    entries = seed_rollouts(args, config, rows, seeds[0], teacher_dir)
+    for where in filter(None, (args.workdir, args.figures_dir)):
+        print("rollouts (first clip of each row, seed", seeds[0], "):",
+              rollouts_figure(entries, os.path.join(where, "video_rollouts.png")))
     name = os.path.join(args.workdir, "video_hiar_seeds" + "_".join(map(str, seeds)))
     with open(name + ".json", "w") as f:
         json.dump(summary, f, indent=2)

@@ -88,3 +88,23 @@ def test_toy_divergence_figure_titles_each_panel_with_its_metrics(tmp_path):
     assert (image < 255).sum() > 0 and image.shape == (160, 160)
     with pytest.raises(ValueError, match="4 lines"):
         monitor.panel_row([image], titles=["a\nb\nc\nd"])
+
+
+def test_video_rollouts_figure_is_one_titled_filmstrip_per_model(tmp_path):
+    """video_hiar.py's figure: per model, its first clip's frames (every other one) side by side,
+    under a title naming the model with its speed ratio and shape error."""
+    video_hiar = _experiment("video_hiar")
+    rng = np.random.default_rng(0)
+    clips = [rng.uniform(-1, 1, (2, 8, 16, 16, 1)).astype(np.float32) for _ in range(3)]
+    rows = [None, {"speed_ratio": 1.234, "shape_error": 0.0456}, None]
+    entries = list(zip(("data", "teacher (Heun)", "student"), rows, clips))
+    path = video_hiar.rollouts_figure(entries, str(tmp_path / "f" / "video_rollouts.png"))
+    got = np.asarray(Image.open(path))
+    strips = [video_hiar.filmstrip(c[0], stride=2) for c in clips]
+    assert strips[0].shape[:2] == (3 * 17 + 3, 3 * (4 * 17 + 1))     # 4 frames of 16 px, 1-px gaps
+    np.testing.assert_array_equal(strips[0][3:51, 3:51, 0],
+                                  monitor.enlarge(monitor.image_grid(clips[0][0, :1]), 3)[3:51, 3:51, 0])
+    want = monitor.panel_grid(strips, titles=["data", "teacher (Heun)\nspeed ratio 1.23, shape "
+                                              "err 0.046", "student"], ncols=1)
+    np.testing.assert_array_equal(got, want[..., 0] if want.ndim == 3 and want.shape[-1] == 1
+                                  else want)
