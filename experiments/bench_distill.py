@@ -29,7 +29,7 @@ across runs. The load average is printed before and after.
     PYTHONPATH=. python experiments/bench_distill.py --variants current,pre_change
     PYTHONPATH=. python experiments/bench_distill.py --distill --sampling --rounds 5
     PYTHONPATH=. python experiments/bench_distill.py --smoke --variants current,pre_change
-    PYTHONPATH=. python experiments/bench_distill.py --phases dsm --distill --guard 100,200,400
+    PYTHONPATH=. python experiments/bench_distill.py --phases= --guard 100,200,400
 
 FastGen (PyTorch 2.14, 2 threads, batch 16) on this machine, median of 5 process runs: DSM step
 329 ms, student iteration 626, critic 460, 1 + 4 cycle mean 497; single passes: forward 124 ms,
@@ -178,10 +178,11 @@ def network_programs(config, variant: str, phases, batch: int) -> list[Program]:
     return out
 
 
-def distillation_programs(config, variant: str, divergences, batch: int, sampling: bool
-                          ) -> tuple[list[Program], dict]:
+def distillation_programs(config, variant: str, divergences, batch: int, sampling: bool,
+                          compile_steps: bool = True) -> tuple[list[Program], dict]:
     """The f-distill student and critic iterations (and samplers) through the library's
-    distillation API. This is the one place that API is used: re-point it here when it changes."""
+    distillation API. This is the one place that API is used: re-point it here when it changes.
+    With ``compile_steps=False`` only the state is built (``info['state_shapes']``)."""
     from configs.distill_base import add_distill, optim
     from fdistill import modes, sampling as sampling_lib, sharding
 
@@ -211,6 +212,8 @@ def distillation_programs(config, variant: str, divergences, batch: int, samplin
         info["disc_params"] = sum(v.size for v in jax.tree.leaves(dist.initial_state["disc"]))
         info["state_shapes"] = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype),
                                             dist.initial_state)
+        if not compile_steps:
+            return out, info
         kinds = ("student", "critic") if div == divergences[0] else ("student",)
         for kind in kinds:
             step = getattr(dist, f"{kind}_step")
@@ -363,8 +366,9 @@ def main():
                    help="the Python (with torch and FastGen's requirements) that runs it")
     p.add_argument("--smoke", action="store_true", help="16 channels, 1 block: checks the script")
     p.add_argument("--guard", default="",
-                   help="with --distill: leaf counts (comma-separated) at which to time the finite "
-                        "guard alone, the library's formulation against the per-leaf one")
+                   help="leaf counts (comma-separated) at which to time the finite guard alone, "
+                        "the library's formulation against the per-leaf one, on the "
+                        "distillation state's leaves (built, not compiled, without --distill)")
     args = p.parse_args()
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     for v in variants:
@@ -390,9 +394,11 @@ def main():
                 config, v, [d.strip() for d in args.divergences.split(",")], args.batch,
                 args.sampling)
             dist += progs
-            if args.guard and v == variants[0]:
-                guard = guard_programs(info["state_shapes"],
-                                       [int(n) for n in args.guard.split(",")])
+        if args.guard and v == variants[0]:
+            if not args.distill:
+                _, info = distillation_programs(config, v, ["fkl"], args.batch, False,
+                                                compile_steps=False)
+            guard = guard_programs(info["state_shapes"], [int(n) for n in args.guard.split(",")])
         print(f"compiled variant {v}", flush=True)
     ref = (reference_programs(args.reference, args.reference_python, phases, args.batch)
            if args.reference and phases else None)
