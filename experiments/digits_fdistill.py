@@ -188,7 +188,7 @@ def main():
 
     tc = digits.get_config()
     tc.training.num_steps = args.teacher_steps
-    tc.training.ckpt_every = args.teacher_steps
+    tc.training.ckpt_every = min(1000, args.teacher_steps)   # an interrupted run resumes
     tc.sampling.num_samples = tc.sampling.batch_size = args.num_samples
     teacher_dir = os.path.join(args.workdir, "teacher")
     cli.run(tc, teacher_dir, "train")
