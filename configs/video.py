@@ -70,6 +70,8 @@ def get_config(variant: str = "hiar") -> ml_collections.ConfigDict:
     m.depth = 4
     m.num_heads = 2
     m.mlp_ratio = 4
+    m.rope_time_base = 10_000.0            # RoPE frequencies base^(-i/n) of the frame index
+    m.rope_space_base = 100.0              #   and of the patch row / column
 
     c.training.batch_size = 32
     c.training.num_steps = 3000
