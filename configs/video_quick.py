@@ -18,11 +18,14 @@ def get_config(variant: str = "hiar"):
     #   depth 2, mlp 4, RoPE bases 10,000 / 100, P_mean -0.5:  2.03 / 0.053 / 0.13 / 385
     #   P_mean 0.5 alone:                                      1.86 / 0.047 / 0.11 / 499
     #   four heads of 8 channels (one RoPE pair per axis):     2.68 / 0.069 / 0.17 / 663
+    #   RoPE space base 4 alone:                               1.96 / 0.046 / 0.12 / 172
     #   RoPE bases 10 / 4:                                     1.62 / 0.043 / 0.08 / 342
     #   RoPE bases 10 / 4, depth 3:                            1.44 / 0.039 / 0.06 / 496
     #   RoPE bases 10 / 4, depth 3, P_mean 0.5:                1.40 / 0.030 / 0.05 / 418
     #   RoPE bases 10 / 4, depth 4, mlp_ratio 2, P_mean 0.5:   1.38 / 0.034 / 0.05 / 300
-    # (the last two cost about the same FLOPs; timings vary with the other jobs on the cores).
+    #   the same, 4,000 steps:                                 1.33 / 0.021 / 0.05 / 404
+    # (the last three rows cost about the same FLOPs per step; timings vary with the other jobs
+    # on the cores: the 2,000-step default took 247-300 s, its 4,000 steps 404 s on quiet cores).
     c.model.dim = 32
     c.model.depth = 4
     c.model.mlp_ratio = 2
