@@ -4,6 +4,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -150,6 +151,38 @@ def test_rope_3d_logits_depend_on_offsets_in_time_and_in_space():
     assert (logits <= np.diag(logits)[:, None] + 1e-4).all()
     for moved in ((1, 0, 0), (0, 1, 0), (0, 0, 1)):
         assert abs(logit((0, 0, 0), moved) - logit((0, 0, 0), (0, 0, 0))) > 1e-3
+
+
+def test_rope_3d_rotates_each_axis_at_the_frequencies_of_its_base():
+    """RoPE's logit between a token and its displaced copy is sum_i |pair_i|^2 cos(offset w_i):
+    the frame pairs turn at time_base^(-i / n_t), the row and column pairs at
+    space_base^(-i / n_s); and the bases of ``config.model`` reach every block."""
+    d, time_base, space_base = 16, 10.0, 4.0
+    vec = jax.random.normal(jax.random.key(1), (d,))
+    f, r, c = jnp.asarray([0, 3, 0, 0]), jnp.asarray([0, 0, 2, 0]), jnp.asarray([0, 0, 0, 3])
+    rot = V.rope_3d(jnp.broadcast_to(vec, (1, 4, 1, d)), f, r, c, time_base=time_base,
+                    space_base=space_base)[0, :, 0]
+    logits = np.asarray(rot[0] @ rot[1:].T)
+
+    def expected(part, base, offset):
+        half = len(part) // 2
+        power = np.asarray(part[:half] ** 2 + part[half:] ** 2)
+        return float(np.sum(power * np.cos(offset * base ** (-np.arange(half) / half))))
+
+    v = np.asarray(vec)
+    rest = lambda *skip: sum(float(np.sum(v[a:b] ** 2)) for a, b in
+                             ((0, 8), (8, 12), (12, 16)) if (a, b) not in skip)
+    np.testing.assert_allclose(logits, [expected(v[:8], time_base, 3) + rest((0, 8)),
+                                        expected(v[8:12], space_base, 2) + rest((8, 12)),
+                                        expected(v[12:], space_base, 3) + rest((12, 16))],
+                               rtol=1e-5)
+
+    config = ml_collections.ConfigDict({
+        "data": {"size": 8, "channels": 1},
+        "model": {"patch_size": 2, "dim": 16, "depth": 2, "num_heads": 1, "mlp_ratio": 2,
+                  "rope_time_base": time_base, "rope_space_base": space_base}})
+    net = V.build_video_transformer(config, rngs=nnx.Rngs(0))
+    assert all(b.rope_bases == (time_base, space_base) for b in net.blocks)
 
 
 @pytest.mark.skipif(os.environ.get("FDISTILL_SLOW_TESTS", "0") != "1",

@@ -90,13 +90,15 @@ def rope(x: jax.Array, positions: jax.Array, base: float = 10_000.0) -> jax.Arra
     return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
 
 
-def rope_3d(x: jax.Array, frames: jax.Array, rows: jax.Array, cols: jax.Array) -> jax.Array:
+def rope_3d(x: jax.Array, frames: jax.Array, rows: jax.Array, cols: jax.Array, *,
+            time_base: float = 10_000.0, space_base: float = 100.0) -> jax.Array:
     """RoPE over (frame, row, column) of ``x [B, S, heads, d]``, positions ``[S]`` each: the
-    first ``d / 2`` channels rotate with the frame index, ``d / 4`` each with the patch row and
-    column (base 100: a few patches span the useful frequencies)."""
+    first ``d / 2`` channels rotate with the frame index (frequencies ``time_base^(-i / (d/4))``),
+    ``d / 4`` each with the patch row and column (``space_base^(-i / (d/8))``)."""
     t, s = x.shape[-1] // 2, x.shape[-1] // 4
-    return jnp.concatenate([rope(x[..., :t], frames), rope(x[..., t:t + s], rows, base=100.0),
-                            rope(x[..., t + s:], cols, base=100.0)], axis=-1)
+    return jnp.concatenate([rope(x[..., :t], frames, base=time_base),
+                            rope(x[..., t:t + s], rows, base=space_base),
+                            rope(x[..., t + s:], cols, base=space_base)], axis=-1)
 
 
 def attend(q, k, v, mask) -> jax.Array:
@@ -124,11 +126,13 @@ def _modulate(h, shift, scale):
 class Block(nnx.Module):
     """Pre-LN transformer block with per-frame adaLN-Zero (shift, scale, gate) modulation."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: int, *, rngs: nnx.Rngs):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: int, *, rope_bases=(10_000.0, 100.0),
+                 rngs: nnx.Rngs):
         if dim % num_heads or (dim // num_heads) % 8:
             raise ValueError(f"dim {dim} must split into {num_heads} heads of a size divisible "
                              f"by 8 (3-D RoPE: a half and two even quarters).")
         self.num_heads = num_heads
+        self.rope_bases = tuple(float(b) for b in rope_bases)
         self.norm1 = nnx.LayerNorm(dim, use_scale=False, use_bias=False, epsilon=1e-6, rngs=rngs)
         self.norm2 = nnx.LayerNorm(dim, use_scale=False, use_bias=False, epsilon=1e-6, rngs=rngs)
         self.qkv = _linear(dim, 3 * dim, rngs)
@@ -153,8 +157,10 @@ class Block(nnx.Module):
         if grid * grid != n:
             raise ValueError(f"3-D RoPE needs a square grid of patches per frame; got {n} patches.")
         rows, cols = (jnp.tile(a, f) for a in (jnp.arange(n) // grid, jnp.arange(n) % grid))
-        q, k, v = (rope_3d(q[:, :, 0], frames, rows, cols), rope_3d(k[:, :, 0], frames, rows, cols),
-                   v[:, :, 0])
+        time_base, space_base = self.rope_bases
+        rotate = lambda a: rope_3d(a[:, :, 0], frames, rows, cols, time_base=time_base,
+                                   space_base=space_base)
+        q, k, v = rotate(q), rotate(k), v[:, :, 0]
         keys, values = (k, v) if prefix is None else (jnp.concatenate([prefix[0], k], 1),
                                                       jnp.concatenate([prefix[1], v], 1))
         a = self.proj(attend(q, keys, values, mask).reshape(b, f * n, d)).reshape(b, f, n, d)
@@ -175,7 +181,7 @@ class VideoTransformer(nnx.Module):
 
     def __init__(self, *, frame_size: int = 16, channels: int = 1, patch_size: int = 4,
                  dim: int = 64, depth: int = 4, num_heads: int = 4, mlp_ratio: int = 4,
-                 rngs: nnx.Rngs):
+                 rope_bases=(10_000.0, 100.0), rngs: nnx.Rngs):
         if frame_size % patch_size:
             raise ValueError(f"frame size {frame_size} is not divisible by patch size "
                              f"{patch_size}.")
@@ -188,7 +194,7 @@ class VideoTransformer(nnx.Module):
                                                       (self.tokens_per_frame, dim)))
         self.noise1 = _linear(dim, dim, rngs)
         self.noise2 = _linear(dim, dim, rngs)
-        self.blocks = nnx.List([Block(dim, num_heads, mlp_ratio, rngs=rngs)
+        self.blocks = nnx.List([Block(dim, num_heads, mlp_ratio, rope_bases=rope_bases, rngs=rngs)
                                 for _ in range(depth)])
         self.norm_out = nnx.LayerNorm(dim, use_scale=False, use_bias=False, epsilon=1e-6,
                                       rngs=rngs)
@@ -369,9 +375,12 @@ class VideoDenoiser(nnx.Module):
 
 
 def build_video_transformer(config, *, rngs: nnx.Rngs) -> VideoTransformer:
-    """The video network of ``config.model`` (patch_size, dim, depth, num_heads, mlp_ratio) for
-    clips of ``config.data`` (size, channels)."""
+    """The video network of ``config.model`` (patch_size, dim, depth, num_heads, mlp_ratio, and
+    the RoPE bases rope_time_base, rope_space_base) for clips of ``config.data`` (size,
+    channels)."""
     m = config.model
     return VideoTransformer(frame_size=config.data.size, channels=config.data.get("channels", 1),
                             patch_size=m.patch_size, dim=m.dim, depth=m.depth,
-                            num_heads=m.num_heads, mlp_ratio=m.mlp_ratio, rngs=rngs)
+                            num_heads=m.num_heads, mlp_ratio=m.mlp_ratio,
+                            rope_bases=(m.get("rope_time_base", 10_000.0),
+                                        m.get("rope_space_base", 100.0)), rngs=rngs)
