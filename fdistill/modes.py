@@ -232,14 +232,16 @@ def data_clips(config, n: int = 256) -> np.ndarray:
     return dataset(config, n, seed=config.seed + 7).batch(0)["x"]
 
 
-def save_samples(config, workdir: str, x: np.ndarray, name: str) -> str:
-    """Writes ``name.npz`` and a picture: a density plot (toys), a GIF (video), an image grid."""
+def save_samples(config, workdir: str, x: np.ndarray, name: str,
+                 title: str | None = None) -> str:
+    """Writes ``name.npz`` and a picture: a density plot (toys), a GIF (video; ``title`` above
+    its frames), an image grid."""
     if jax.process_index() != 0:
         return ""
     np.savez(os.path.join(workdir, f"{name}.npz"), samples=x)
     if is_video(config):
         path = os.path.join(workdir, f"{name}.gif")
-        video_metrics.save_gif(path, x[:16])
+        video_metrics.save_gif(path, x[:16], title=title)
     elif config.data.name == "toy":
         path = os.path.join(workdir, f"{name}.png")
         monitor.save_png(path, monitor.density_image(x, extent=toy_extent(config)))
@@ -353,7 +355,8 @@ def sample_teacher(config, workdir: str) -> dict:
     x = draw_samples(draw, params, config, s.num_samples, s.batch_size,
                      jax.random.key(config.seed + 1))
     seconds = time.time() - t0
-    path = save_samples(config, workdir, x, "samples")
+    path = save_samples(config, workdir, x, "samples",
+                        title=f"teacher, {draw.name}, {draw.nfe} NFE")
     results = {"sample/sampler": draw.name, "sample/nfe": draw.nfe, "sample/num_samples": len(x),
                "sample/checkpoint_step": step, "sample/seconds_per_sample": seconds / len(x),
                **sample_report(config, x, "sample")}
@@ -629,7 +632,8 @@ def video_student_report(config, workdir: str, student, *, prefix: str,
             row[f"{prefix}/{k}"] = v
         elif not k.startswith("data/") and k != "threshold":
             row[f"{prefix}/long/{k}"] = v
-    save_samples(config, workdir, long, name)
+    save_samples(config, workdir, long, name,
+                 title=f"student, {s.num_steps} steps, {order}\n{long.shape[1]}-frame rollout")
     _print(f"student ({s.num_steps} steps, {order}): " + "  ".join(
         f"{k.split('/', 1)[-1]}={v:.4g}" for k, v in row.items()
         if isinstance(v, float) and "/slope" not in k and "/change" not in k))

@@ -108,3 +108,19 @@ def test_video_rollouts_figure_is_one_titled_filmstrip_per_model(tmp_path):
                                               "err 0.046", "student"], ncols=1)
     np.testing.assert_array_equal(got, want[..., 0] if want.ndim == 3 and want.shape[-1] == 1
                                   else want)
+
+
+def test_video_gif_frames_carry_their_title(tmp_path):
+    """Every frame of a titled sample GIF is the untitled frame under the title's band."""
+    from fdistill.video import metrics
+    clips = np.random.default_rng(0).uniform(-1, 1, (2, 3, 8, 8, 1)).astype(np.float32)
+    plain = Image.open(metrics.save_gif(str(tmp_path / "a.gif"), clips))
+    titled = Image.open(metrics.save_gif(str(tmp_path / "b.gif"), clips,
+                                         title="teacher, heun, 35 NFE"))
+    assert titled.n_frames == plain.n_frames == 3
+    for i in range(3):
+        plain.seek(i)
+        titled.seek(i)
+        frame = np.asarray(plain.convert("L"))
+        want = monitor.panel_row([frame], titles=["teacher, heun, 35 NFE"])
+        np.testing.assert_array_equal(np.asarray(titled.convert("L")), want)

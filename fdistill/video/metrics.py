@@ -270,8 +270,10 @@ def evaluate_rollout(long_clips, data_clips, train_length: int, *, square: float
 
 
 def save_gif(path: str, clips, *, scale: int = 4, duration_ms: int = 150,
-             max_clips: int = 16) -> str:
-    """Writes clips ``[N, T, H, W, C]`` in [-1, 1] side by side as an animated GIF."""
+             max_clips: int = 16, title: str | None = None) -> str:
+    """Writes clips ``[N, T, H, W, C]`` in [-1, 1] side by side as an animated GIF; with
+    ``title`` (at most three lines), every frame carries it in a white band above the clips."""
+    from fdistill import monitor
     clips = np.asarray(clips)[:max_clips]
     n, t, h, w, _ = clips.shape
     frames = np.clip(np.round((clips.mean(-1) + 1.0) * 127.5), 0, 255).astype(np.uint8)
@@ -279,8 +281,10 @@ def save_gif(path: str, clips, *, scale: int = 4, duration_ms: int = 150,
     canvas = np.full((t, h, n * (w + gap) - gap), 255, np.uint8)
     for i in range(n):
         canvas[:, :, i * (w + gap):i * (w + gap) + w] = frames[i]
-    images = [Image.fromarray(f).resize((f.shape[1] * scale, f.shape[0] * scale),
-                                        Image.NEAREST) for f in canvas]
+    frames = [monitor.enlarge(f, scale) for f in canvas]
+    if title is not None:
+        frames = [monitor.panel_row([f], titles=[title]) for f in frames]
+    images = [Image.fromarray(f) for f in frames]
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     images[0].save(path, save_all=True, append_images=images[1:], duration=duration_ms, loop=0)
     return path
