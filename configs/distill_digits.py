@@ -10,7 +10,7 @@ them with an in-domain Frechet distance.
 The student starts from an ODE-regression initialisation (fdistill.ode_regression, as
 configs/distill_toy.py): 4,096 of the teacher's Heun-18 (35 NFE) trajectories with random class
 labels, then 1,000 cosine-decayed Adam steps of regression at batch 64, sized for the shared 2-core
-CPU (the pairs' unrolled Heun program and the regression step each compile for minutes there).
+CPU.
 The experiment shares one initialisation among its students (distill.init_workdir) and scores it
 alone as "student/ode_init"; the README's digits table gives what it measured.
 """

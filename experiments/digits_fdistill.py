@@ -34,9 +34,8 @@ import jax
 import numpy as np
 
 from configs import digits, distill_digits
-from fdistill import compilation_cache, data, modes, monitor, sharding, train
+from fdistill import compilation_cache, data, modes, monitor
 from fdistill import main as cli
-from fdistill import student as student_lib
 from fdistill.evaluation import classifier, inception
 
 TEACHER_SAMPLERS = "heun:18,heun:9,heun:5,heun:3,euler_maruyama:100"
@@ -53,25 +52,6 @@ def draw_with_labels(draw, params, config, n: int, batch_size: int, key):
         xs.append(np.asarray(draw(params, jax.random.fold_in(key, i), one_hot)))
         ys.append(idx)
     return np.concatenate(xs)[:n], np.concatenate(ys)[:n]
-
-
-def init_draw(config, init_dir: str, batch_size: int):
-    """(``draw(params, key, labels)``, params, NFE): the ODE-regression initialisation in
-    ``init_dir`` (computed there if missing) before any distribution matching."""
-    resolved, teacher, _ = modes.teacher_of(config)
-    init = modes.regression_init(resolved, teacher, init_dir, sharding.make_mesh())
-    graphdef, params, others = train.split(init)
-    dc = resolved.distill
-    sigmas = student_lib.student_sigmas(teacher.process, dc.student_steps,
-                                        dc.get("student_sigmas"))
-    shape = (batch_size,) + data.example_shape(resolved.data)
-
-    @jax.jit
-    def draw(p, key, labels):
-        return student_lib.generate(train.merge(graphdef, p, others), key, shape, labels,
-                                    sigmas=sigmas)
-
-    return draw, params, len(sigmas)
 
 
 def targets(rows: list[dict]) -> dict:
@@ -225,7 +205,7 @@ def main():
         c.distill.eval_batch_size = bs
         return c
 
-    draw, params, nfe = init_draw(student_config("rkl"), init_dir, bs)
+    draw, params, nfe = modes.regression_init_sampler(student_config("rkl"), init_dir, bs)
     x, labels = draw_with_labels(draw, params, tc, n, bs, jax.random.key(1))
     rows.append({"model": "student/ode_init", "kind": "student", "nfe": nfe,
                  **score(clf, x, labels, real)})

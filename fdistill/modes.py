@@ -510,6 +510,26 @@ def regression_init(config, teacher, workdir: str, mesh) -> nnx.Module:
     return ode_regression.initialise(teacher, pairs, loss_fn, dc, workdir, mesh, seed=config.seed)
 
 
+def regression_init_sampler(config, init_dir: str, batch_size: int):
+    """(``draw(params, key, labels)``, params, NFE) of the ODE-regression initialisation in
+    ``init_dir`` (computed there if missing) before any distribution matching, for ``config`` (a
+    distillation config naming its teacher)."""
+    resolved, teacher, _ = teacher_of(config)
+    init = regression_init(resolved, teacher, init_dir, sharding.make_mesh())
+    graphdef, params, others = train.split(init)
+    dc = resolved.distill
+    sigmas = student_lib.student_sigmas(teacher.process, dc.student_steps,
+                                        dc.get("student_sigmas"))
+    shape = (batch_size,) + data.example_shape(resolved.data)
+
+    @jax.jit
+    def draw(p, key, labels):
+        return student_lib.generate(train.merge(graphdef, p, others), key, shape, labels,
+                                    sigmas=sigmas)
+
+    return draw, params, len(sigmas)
+
+
 def distill(config, workdir: str) -> dict:
     """``--mode=distill``: distils ``config.distill.teacher_workdir``'s teacher into a student in
     ``workdir`` (``config.distill.num_steps`` iterations, resumed from ``workdir/checkpoints``),

@@ -16,8 +16,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from fdistill import data, modes, monitor, sharding, train
-from fdistill import student as student_lib
+from fdistill import data, modes, monitor
 
 SAMPLERS = (("heun", 18), ("euler_maruyama", 100))
 STUDENTS = ("rkl", "fkl", "js")
@@ -55,19 +54,9 @@ def init_samples(config, teacher_dir: str, init_dir: str, n: int, key,
                  overrides: dict | None = None) -> np.ndarray:
     """One-step samples of the ODE-regression initialisation in ``init_dir`` (computed there if
     missing), before any distribution matching."""
-    resolved, teacher, _ = modes.teacher_of(
-        student_config(config, teacher_dir, "rkl", init_dir, overrides))
-    init = modes.regression_init(resolved, teacher, init_dir, sharding.make_mesh())
-    graphdef, params, others = train.split(init)
-    sigmas = student_lib.student_sigmas(teacher.process, 1)
-
-    @jax.jit
-    def draw(p):
-        net = train.merge(graphdef, p, others)
-        return student_lib.generate(net, key, (n,) + data.example_shape(config.data),
-                                    sigmas=sigmas)
-
-    return np.asarray(draw(params))
+    draw, params, _ = modes.regression_init_sampler(
+        student_config(config, teacher_dir, "rkl", init_dir, overrides), init_dir, n)
+    return np.asarray(draw(params, key, None))
 
 
 class _Phases:

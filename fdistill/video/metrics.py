@@ -38,6 +38,7 @@ import os
 import numpy as np
 from PIL import Image
 
+from fdistill import monitor
 from fdistill.data.video import render_squares
 
 QUALITY_MEASURES = ("shape_error", "sharpness", "intensity")
@@ -273,7 +274,6 @@ def save_gif(path: str, clips, *, scale: int = 4, duration_ms: int = 150,
              max_clips: int = 16, title: str | None = None) -> str:
     """Writes clips ``[N, T, H, W, C]`` in [-1, 1] side by side as an animated GIF; with
     ``title`` (at most three lines), every frame carries it in a white band above the clips."""
-    from fdistill import monitor
     clips = np.asarray(clips)[:max_clips]
     n, t, h, w, _ = clips.shape
     frames = np.clip(np.round((clips.mean(-1) + 1.0) * 127.5), 0, 255).astype(np.uint8)
