@@ -23,6 +23,14 @@ students as points, the real-digits floor as a dashed line; needs matplotlib, pi
         --teacher_steps=3000 --distill_steps=1000 --figures_dir=docs/figures
     PYTHONPATH=. python experiments/digits_fdistill.py --teacher_steps=1000 --distill_steps=500 \
         --divergences=rkl,fkl                                             # a quick look
+
+Trials reuse the teacher and the initialisation of a workdir: `--set` overrides the students'
+distill config (`--set distill.gan_weight=0.1`; the students then go to <divergence>_<tag>),
+`--init_set` the initialisation's (ODE-regression keys, e.g. `distill.ode_init_steps=3000`; it is
+then kept in student_init_<init_tag>), and `--score_every N` scores each student every N
+iterations (rows "student/<name>@<step>", by resuming its run in N-iteration stages). Teacher
+rows are computed once per teacher checkpoint, sampler and sample count (<workdir>/teacher_rows.json
+and the samples' npz) and reused.
 """
 from __future__ import annotations
 
@@ -34,6 +42,7 @@ import jax
 import numpy as np
 
 from configs import digits, distill_digits
+from experiments.toy_diagnostics import parse_overrides
 from fdistill import compilation_cache, data, modes, monitor
 from fdistill import main as cli
 from fdistill.evaluation import classifier, inception
@@ -55,7 +64,7 @@ def draw_with_labels(draw, params, config, n: int, batch_size: int, key):
 
 
 def targets(rows: list[dict]) -> dict:
-    """Issue 10's targets for each one-step student row: fd_digits at or below the teacher's
+    """The targets for each one-step student row: fd_digits at or below the teacher's
     17-NFE Heun (``meets_17``) and within TARGET_RATIO of its 35-NFE Heun (``within_35``)."""
     fd = {r["nfe"]: r["fd_digits"] for r in rows
           if r["kind"] == "teacher" and r["sampler"] == "heun"}
@@ -128,9 +137,11 @@ def fd_nfe_plot(rows: list[dict], path: str) -> str:
 
 
 def write_figures(rows: list[dict], panels: list[tuple[dict, np.ndarray]],
-                  dirs: list[str]) -> list[str]:
-    """digits_samples.png and digits_fd_nfe.png into each of ``dirs``; the plot is skipped,
-    with a message, where matplotlib is not installed."""
+                  dirs: list[str], suffix: str = "") -> list[str]:
+    """digits_samples<suffix>.png and digits_fd_nfe<suffix>.png into each of ``dirs`` (the
+    final students only, not their intermediate scores); the plot is skipped, with a message,
+    where matplotlib is not installed."""
+    rows = [r for r in rows if "@" not in r["model"]]
     grid = samples_figure(panels)
     try:
         import matplotlib  # noqa: F401
@@ -141,11 +152,11 @@ def write_figures(rows: list[dict], panels: list[tuple[dict, np.ndarray]],
     written = []
     for d in dirs:
         os.makedirs(d, exist_ok=True)
-        path = os.path.join(d, "digits_samples.png")
+        path = os.path.join(d, f"digits_samples{suffix}.png")
         monitor.save_png(path, grid)
         written.append(path)
         if matplotlib is not None:
-            written.append(fd_nfe_plot(rows, os.path.join(d, "digits_fd_nfe.png")))
+            written.append(fd_nfe_plot(rows, os.path.join(d, f"digits_fd_nfe{suffix}.png")))
     return written
 
 
@@ -163,7 +174,19 @@ def main():
                    help="sampler:steps list; heun:18 and heun:9 are the targets' references")
     p.add_argument("--figures_dir", default="",
                    help="also write the two figures here (e.g. docs/figures)")
+    p.add_argument("--set", nargs="*", default=[],
+                   help="students' distill overrides, e.g. distill.gan_weight=0.1 (needs --tag)")
+    p.add_argument("--tag", default="", help="suffix of the students' directories and rows")
+    p.add_argument("--init_set", nargs="*", default=[],
+                   help="the initialisation's overrides, e.g. distill.ode_init_steps=3000 "
+                        "(needs --init_tag)")
+    p.add_argument("--init_tag", default="", help="suffix of the initialisation's directory")
+    p.add_argument("--score_every", type=int, default=0,
+                   help="also score each student every N iterations (0: at the end only)")
     args = p.parse_args()
+    if (args.set and not args.tag) or (args.init_set and not args.init_tag):
+        p.error("--set needs --tag and --init_set needs --init_tag, so that a trial never "
+                "resumes or overwrites the default run's students and initialisation")
     compilation_cache.enable()
 
     tc = digits.get_config()
@@ -181,51 +204,74 @@ def main():
              **score(clf, other["x"], np.asarray(other["label"]), real)}]
     panels = [(rows[-1], other["x"])]
     print(f"row: {table_line(rows[-1])}", flush=True)
-    model, _ = modes.load_teacher(tc, teacher_dir)
+    model, teacher_step = modes.load_teacher(tc, teacher_dir)
+    cache_path = os.path.join(args.workdir, "teacher_rows.json")
+    cache = json.load(open(cache_path)) if os.path.isfile(cache_path) else {}
     for sampler, steps in (item.split(":") for item in args.teacher_samplers.split(",")):
         steps = int(steps)
-        draw, params = modes.teacher_sampler(tc, model, n, sampler_name=sampler, num_steps=steps)
-        x, labels = draw_with_labels(draw, params, tc, n, n, jax.random.key(1))
-        modes.save_samples(tc, args.workdir, x, f"teacher_{sampler}_{draw.nfe}")
-        rows.append({"model": f"teacher ({sampler}, {steps} steps)", "kind": "teacher",
-                     "sampler": sampler, "nfe": draw.nfe, **score(clf, x, labels, real)})
+        key = f"{sampler}:{steps}:{n}:{teacher_step}"
+        if key in cache:                # the same teacher, sampler, noise and labels: reuse
+            row = cache[key]
+            x = np.load(os.path.join(args.workdir, f"teacher_{sampler}_{row['nfe']}.npz"))
+            x = x["samples"]
+        else:
+            draw, params = modes.teacher_sampler(tc, model, n, sampler_name=sampler,
+                                                 num_steps=steps)
+            x, labels = draw_with_labels(draw, params, tc, n, n, jax.random.key(1))
+            modes.save_samples(tc, args.workdir, x, f"teacher_{sampler}_{draw.nfe}")
+            row = {"model": f"teacher ({sampler}, {steps} steps)", "kind": "teacher",
+                   "sampler": sampler, "nfe": draw.nfe, **score(clf, x, labels, real)}
+            cache[key] = row
+            with open(cache_path, "w") as f:
+                json.dump(cache, f, indent=2)
+        rows.append(row)
         panels.append((rows[-1], x))
         print(f"row: {table_line(rows[-1])}", flush=True)
-    init_dir = os.path.join(args.workdir, "student_init")
+    init_suffix = f"_{args.init_tag}" if args.init_tag else ""
+    suffix = f"_{args.tag}" if args.tag else ""
+    init_dir = os.path.join(args.workdir, "student_init" + init_suffix)
     bs = min(n, 256)
+    init_overrides, overrides = parse_overrides(args.init_set), parse_overrides(args.set)
 
-    def student_config(divergence):
+    def student_config(divergence, num_steps=args.distill_steps):
         c = distill_digits.get_config()
         c.distill.teacher_workdir = teacher_dir
         c.distill.init_workdir = init_dir
         c.distill.divergence = divergence
-        c.distill.num_steps = args.distill_steps
-        c.distill.ckpt_every = args.distill_steps
+        c.distill.num_steps = num_steps
+        c.distill.ckpt_every = args.score_every or args.distill_steps
         c.distill.num_eval_samples = n
         c.distill.eval_batch_size = bs
+        c.update_from_flattened_dict({**init_overrides, **overrides})
         return c
 
     draw, params, nfe = modes.regression_init_sampler(student_config("rkl"), init_dir, bs)
     x, labels = draw_with_labels(draw, params, tc, n, bs, jax.random.key(1))
-    rows.append({"model": "student/ode_init", "kind": "student", "nfe": nfe,
+    rows.append({"model": "student/ode_init" + init_suffix, "kind": "student", "nfe": nfe,
                  **score(clf, x, labels, real)})
     panels.append((rows[-1], x))
     print(f"row: {table_line(rows[-1])}", flush=True)
     for name in [d for d in args.divergences.split(",") if d]:
-        c = student_config(name)
-        wd = os.path.join(args.workdir, name)
-        r = cli.run(c, wd, "distill")
-        run_config = modes.run_config(c, wd)
-        distillation, state = modes.load_student(run_config, wd)
-        x, labels = draw_with_labels(modes.student_draw(run_config, distillation, bs),
-                                     state["student_ema"], run_config, n, bs, jax.random.key(1))
-        rows.append({"model": f"student/{name}", "kind": "student", "nfe": r["nfe"],
-                     **score(clf, x, labels, real)})
-        panels.append((rows[-1], x))
-        print(f"row: {table_line(rows[-1])}", flush=True)
+        wd = os.path.join(args.workdir, name + init_suffix + suffix)
+        stages = range(args.score_every, args.distill_steps + 1, args.score_every) \
+            if args.score_every else [args.distill_steps]
+        for stage in sorted({*stages, args.distill_steps}):
+            c = student_config(name, stage)
+            r = cli.run(c, wd, "distill")
+            run_config = modes.run_config(c, wd)
+            distillation, state = modes.load_student(run_config, wd)
+            x, labels = draw_with_labels(modes.student_draw(run_config, distillation, bs),
+                                         state["student_ema"], run_config, n, bs,
+                                         jax.random.key(1))
+            at = "" if stage == args.distill_steps else f"@{stage}"
+            rows.append({"model": f"student/{name}{init_suffix}{suffix}{at}", "kind": "student",
+                         "nfe": r["nfe"], **score(clf, x, labels, real)})
+            if not at:
+                panels.append((rows[-1], x))
+            print(f"row: {table_line(rows[-1])}", flush=True)
 
     met = targets(rows)
-    with open(os.path.join(args.workdir, "digits_fdistill.json"), "w") as f:
+    with open(os.path.join(args.workdir, f"digits_fdistill{init_suffix}{suffix}.json"), "w") as f:
         json.dump({"rows": rows, "targets": met, "num_samples": n}, f, indent=2)
     print(f"{n} samples per row\n| model | nfe | fd_digits (in-domain, not FID) | class accuracy |"
           "\n|---|---|---|---|")
@@ -238,7 +284,7 @@ def main():
         print(f"  {model}: <= 17-NFE Heun: {'met' if m['meets_17'] else 'MISSED'}; within "
               f"{TARGET_RATIO}x of 35-NFE Heun: {'met' if m['within_35'] else 'MISSED'}")
     dirs = [args.workdir] + ([args.figures_dir] if args.figures_dir else [])
-    for path in write_figures(rows, panels, dirs):
+    for path in write_figures(rows, panels, dirs, init_suffix + suffix):
         print(f"figure: {path}")
 
 
