@@ -60,13 +60,36 @@ def test_digits_figures_titled_samples_and_fd_against_nfe(tmp_path):
 
 
 def test_digits_targets_compare_each_student_with_the_teachers_heun_rows():
-    """Issue 10's targets: at or below the 17-NFE Heun teacher (9.1), within 1.25x of the 35-NFE
-    one (7.4 -> 9.25); the Euler-Maruyama and real-digits rows take no part."""
+    """The digits targets: at or below the 17-NFE Heun teacher (9.1), within 1.25x of the 35-NFE
+    one (7.4 -> 9.25); the Euler-Maruyama and real-digits rows take no part; single draws never
+    resolve the comparison."""
     met = _experiment("digits_fdistill").targets(_digits_rows())
-    assert met == {"student/ode_init": {"meets_17": False, "within_35": False},
-                   "student/rkl": {"meets_17": True, "within_35": True},
-                   "student/fkl": {"meets_17": False, "within_35": False},
-                   "student/js": {"meets_17": False, "within_35": True}}
+    unresolved = {"resolved_17": False}
+    assert met == {"student/ode_init": {"meets_17": False, "within_35": False, **unresolved},
+                   "student/rkl": {"meets_17": True, "within_35": True, **unresolved},
+                   "student/fkl": {"meets_17": False, "within_35": False, **unresolved},
+                   "student/js": {"meets_17": False, "within_35": True, **unresolved}}
+
+
+def test_digits_targets_resolve_a_gap_of_more_than_two_standard_errors():
+    """With draws, the 17-NFE comparison is resolved when the means differ by more than twice the
+    standard error of the difference: draws of std 0.1 (5 each) give se sqrt(2 * 0.01 / 5) =
+    0.063, so a gap of 0.2 resolves and one of 0.1 does not."""
+    digits = _experiment("digits_fdistill")
+    spread = np.array([-0.1, -0.05, 0.0, 0.05, 0.1]) * 0.1 / np.std([-0.1, -0.05, 0, 0.05, 0.1],
+                                                                    ddof=1)
+
+    def row(model, kind, nfe, mean):
+        return {"model": model, "kind": kind, "sampler": "heun", "nfe": nfe,
+                "fd_digits": mean, "fd_digits_draws": list(mean + spread)}
+
+    rows = [row("t35", "teacher", 35, 2.6), row("t17", "teacher", 17, 3.4),
+            row("student/a", "student", 1, 3.2), row("student/b", "student", 1, 3.3),
+            row("student/c", "student", 1, 3.6)]
+    met = digits.targets(rows)
+    assert met["student/a"] == {"meets_17": True, "within_35": True, "resolved_17": True}
+    assert met["student/b"] == {"meets_17": True, "within_35": False, "resolved_17": False}
+    assert met["student/c"] == {"meets_17": False, "within_35": False, "resolved_17": True}
 
 
 def test_toy_divergence_figure_titles_each_panel_with_its_metrics(tmp_path):
