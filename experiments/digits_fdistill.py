@@ -66,25 +66,28 @@ def draw_with_labels(draw, params, config, n: int, batch_size: int, key):
 def targets(rows: list[dict]) -> dict:
     """The targets for each one-step student row: mean fd_digits at or below the teacher's
     17-NFE Heun (``meets_17``) and within TARGET_RATIO of its 35-NFE Heun (``within_35``), and
-    whether the first comparison is resolved (``resolved_17``: the two means differ by more than
-    twice the standard error of their difference over the draws; False with one draw)."""
+    whether the first comparison is resolved (``resolved_17``): the per-draw differences (draw d
+    of every row has the same class labels) have a mean more than twice its standard error;
+    False with one draw."""
     heun = {r["nfe"]: r for r in rows if r["kind"] == "teacher" and r["sampler"] == "heun"}
+    t17 = heun[17]
     out = {}
     for r in rows:
         if r["kind"] != "student":
             continue
-        t17 = heun[17]
-        se = np.sqrt(_sq_standard_error(r) + _sq_standard_error(t17))
         out[r["model"]] = {"meets_17": r["fd_digits"] <= t17["fd_digits"],
                            "within_35": r["fd_digits"] <= TARGET_RATIO * heun[35]["fd_digits"],
-                           "resolved_17": bool(abs(r["fd_digits"] - t17["fd_digits"]) > 2 * se)}
+                           "resolved_17": _resolved(r, t17)}
     return out
 
 
-def _sq_standard_error(row: dict) -> float:
-    """Squared standard error of a row's mean fd_digits (inf with fewer than two draws)."""
-    draws = row.get("fd_digits_draws", [row["fd_digits"]])
-    return float(np.var(draws, ddof=1) / len(draws)) if len(draws) > 1 else float("inf")
+def _resolved(a: dict, b: dict) -> bool:
+    """Whether the mean of a's per-draw fd_digits minus b's is more than 2 standard errors."""
+    da, db = a.get("fd_digits_draws", []), b.get("fd_digits_draws", [])
+    if len(da) < 2 or len(da) != len(db):
+        return False
+    diff = np.asarray(da) - np.asarray(db)
+    return bool(abs(diff.mean()) > 2 * diff.std(ddof=1) / np.sqrt(len(diff)))
 
 
 def score(clf, x, labels, real) -> dict:

@@ -502,7 +502,7 @@ def regression_init(config, teacher, workdir: str, mesh) -> nnx.Module:
                                              int(dc.num_pairs), data.example_shape(config.data),
                                              sigmas, substeps=int(dc.pair_substeps),
                                              batch_size=min(int(dc.num_pairs), 4096),
-                                             num_classes=k))
+                                             num_classes=k), num=int(dc.num_pairs))
 
     def loss_fn(model, key, batch):
         return ode_regression.regression_loss(model, key, batch, sigmas)

@@ -18,6 +18,7 @@ initialise their video students by it. Here it is an initialisation, for images 
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import Callable
 
@@ -112,12 +113,17 @@ class PairBatches:
         return {k: v[idx] for k, v in self.pairs.items()}
 
 
-def load_or_draw_pairs(path: str, draw: Callable[[], dict]) -> dict:
+def load_or_draw_pairs(path: str, draw: Callable[[], dict], num: int | None = None) -> dict:
     """The pairs in ``path`` (.npz), drawn by ``draw()`` and written there (atomically, by
-    process 0) the first time."""
+    process 0) the first time; a file holding other than ``num`` pairs is refused."""
     if os.path.isfile(path):
         with np.load(path) as f:
-            return {k: f[k] for k in f.files}
+            pairs = {k: f[k] for k in f.files}
+        if num is not None and len(pairs["x0"]) != num:
+            raise ValueError(f"{path} holds {len(pairs['x0'])} teacher pairs but "
+                             f"distill.num_pairs is {num}: point distill.init_workdir at a new "
+                             f"directory (or delete that one) to draw them again.")
+        return pairs
     pairs = draw()
     if jax.process_index() == 0:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -127,11 +133,33 @@ def load_or_draw_pairs(path: str, draw: Callable[[], dict]) -> dict:
     return pairs
 
 
+def check_settings(directory: str, dc) -> None:
+    """Records the initialisation's settings in ``<directory>/settings.json`` the first time and
+    refuses to resume or reuse it under other settings (its steps, batch or optimiser)."""
+    settings = {"ode_init_steps": int(dc.ode_init_steps), "batch_size": int(dc.batch_size),
+                "ode_init_optim": {k: float(v) for k, v in dc.ode_init_optim.items()}}
+    path = os.path.join(directory, "settings.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            recorded = json.load(f)
+        changed = sorted(k for k in settings if recorded.get(k) != settings[k])
+        if changed:
+            raise ValueError(f"the ODE-regression initialisation in {directory} was made with "
+                             f"other {', '.join(changed)} ({recorded}); point "
+                             f"distill.init_workdir at a new directory (or delete that one).")
+        return
+    if jax.process_index() == 0:
+        os.makedirs(directory, exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(settings, f, indent=1)
+
+
 def initialise(network, pairs: dict, loss_fn, dc, workdir: str, mesh, *, seed: int):
     """``dc.ode_init_steps`` steps of ``loss_fn(model, key, batch)`` on minibatches of ``pairs``
     from ``network``'s weights (the teacher's), with ``dc.ode_init_optim`` (cosine-decayed to 0 over the steps
     when its ``decay_steps`` is set), through the training loop in ``<workdir>/ode_init``
     (resumed, never redone once complete). Returns the initialised network."""
+    check_settings(os.path.join(workdir, "ode_init"), dc)
     tx = train.make_optimizer(dc.ode_init_optim)
     graphdef, others, state = train.init_state(network, tx, ("train/loss", "train/grad_norm"))
     shardings = train.state_shardings(state, mesh)

@@ -71,25 +71,26 @@ def test_digits_targets_compare_each_student_with_the_teachers_heun_rows():
                    "student/js": {"meets_17": False, "within_35": True, **unresolved}}
 
 
-def test_digits_targets_resolve_a_gap_of_more_than_two_standard_errors():
-    """With draws, the 17-NFE comparison is resolved when the means differ by more than twice the
-    standard error of the difference: draws of std 0.1 (5 each) give se sqrt(2 * 0.01 / 5) =
-    0.063, so a gap of 0.2 resolves and one of 0.1 does not."""
+def test_digits_targets_resolve_a_paired_gap_of_more_than_two_standard_errors():
+    """With draws, the 17-NFE comparison is resolved when the per-draw differences' mean exceeds
+    twice its standard error: a gap of 0.2 with differences of std 0.1 over 5 draws (se 0.045)
+    resolves, the same gap with differences of std 0.3 (se 0.134) and unpaired counts do not."""
     digits = _experiment("digits_fdistill")
-    spread = np.array([-0.1, -0.05, 0.0, 0.05, 0.1]) * 0.1 / np.std([-0.1, -0.05, 0, 0.05, 0.1],
-                                                                    ddof=1)
+    unit = np.array([-2.0, -1.0, 0.0, 1.0, 2.0]) / np.std([-2, -1, 0, 1, 2], ddof=1)
+    base = np.array([3.0, 3.8, 3.2, 3.6, 3.4])
 
-    def row(model, kind, nfe, mean):
+    def row(model, kind, nfe, draws):
         return {"model": model, "kind": kind, "sampler": "heun", "nfe": nfe,
-                "fd_digits": mean, "fd_digits_draws": list(mean + spread)}
+                "fd_digits": float(np.mean(draws)), "fd_digits_draws": list(draws)}
 
-    rows = [row("t35", "teacher", 35, 2.6), row("t17", "teacher", 17, 3.4),
-            row("student/a", "student", 1, 3.2), row("student/b", "student", 1, 3.3),
-            row("student/c", "student", 1, 3.6)]
+    rows = [row("t35", "teacher", 35, base - 0.8), row("t17", "teacher", 17, base),
+            row("student/a", "student", 1, base - 0.2 + 0.1 * unit),
+            row("student/b", "student", 1, base - 0.2 + 0.3 * unit),
+            row("student/c", "student", 1, (base + 0.2)[:4])]
     met = digits.targets(rows)
     assert met["student/a"] == {"meets_17": True, "within_35": True, "resolved_17": True}
-    assert met["student/b"] == {"meets_17": True, "within_35": False, "resolved_17": False}
-    assert met["student/c"] == {"meets_17": False, "within_35": False, "resolved_17": True}
+    assert met["student/b"] == {"meets_17": True, "within_35": True, "resolved_17": False}
+    assert met["student/c"] == {"meets_17": False, "within_35": False, "resolved_17": False}
 
 
 def test_toy_divergence_figure_titles_each_panel_with_its_metrics(tmp_path):

@@ -103,8 +103,18 @@ def test_initialise_regresses_once_and_is_reused(tmp_path):
     again = ode_regression.load_or_draw_pairs(str(tmp_path / "ode_pairs.npz"), lambda: 1 / 0)
     np.testing.assert_array_equal(again["x0"], pairs["x0"])
     dc.ode_init_optim.lr = float("nan")                 # would poison a second training run
-    out2 = ode_regression.initialise(student, pairs, loss, dc, str(tmp_path), mesh, seed=0)
+    with pytest.raises(ValueError, match="other ode_init_optim .*new directory"):
+        ode_regression.initialise(student, pairs, loss, dc, str(tmp_path), mesh, seed=0)
+    dc.ode_init_optim.lr = 0.05
+    dc.ode_init_steps = 800                              # a longer run is not this one resumed
+    with pytest.raises(ValueError, match="other ode_init_steps"):
+        ode_regression.initialise(student, pairs, loss, dc, str(tmp_path), mesh, seed=0)
+    dc.ode_init_steps = 400
+    never = lambda m, k, b: 1 / 0                       # a second training run would call it
+    out2 = ode_regression.initialise(student, pairs, never, dc, str(tmp_path), mesh, seed=0)
     assert float(out2.scale[...]) == float(out.scale[...])
+    with pytest.raises(ValueError, match="holds 256 teacher pairs but distill.num_pairs is 512"):
+        ode_regression.load_or_draw_pairs(str(tmp_path / "ode_pairs.npz"), lambda: 1 / 0, num=512)
 
 
 def test_cosine_decay_reaches_zero():

@@ -185,7 +185,8 @@ def prepare_student(config, teacher, workdir: str, mesh) -> tuple[nnx.Module, di
         os.path.join(workdir, "ode_pairs.npz"),
         lambda: ode_regression.teacher_pairs(teacher, jax.random.key(config.seed + 11),
                                              int(d.num_pairs), shape, sigmas,
-                                             substeps=int(d.pair_substeps), batch_size=64))
+                                             substeps=int(d.pair_substeps), batch_size=64),
+        num=int(d.num_pairs))
     if d.ode_init_steps <= 0:
         return teacher, pairs
 
