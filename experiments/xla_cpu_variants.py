@@ -238,6 +238,7 @@ class Variant:
     description: str
     patches: tuple = ()                  # (object, attribute name, replacement)
     compiler_options: dict | None = None
+    devices: int = 1                     # the batch split over this many (host) devices
 
     @contextlib.contextmanager
     def applied(self):
@@ -367,6 +368,14 @@ VARIANTS = {
         'weight gradient as one im2col matmul; alone 1.8-4.4x slower than XLA\'s own (building the '
         'patches costs more than the matmul saves).',
         ((layers, 'conv2d', _conv_with_weight_gradient(weight_gradient_im2col)),)),
+    'data_parallel_2': Variant(
+        'the batch split over 2 host CPU devices (jax_num_cpu_devices=2; each device program on '
+        'its own thread, parameters replicated, gradients summed by an all-reduce).', devices=2),
+    'data_parallel_2_eigen_1': Variant(
+        'data_parallel_2 with xla_cpu_multi_thread_eigen off (each device program runs its '
+        'operations on its own thread only).', devices=2,
+        compiler_options={'xla_cpu_multi_thread_eigen': False}),
+    'data_parallel_4': Variant('the batch split over 4 host CPU devices.', devices=4),
 }
 
 _GN_CALL = layers.GroupNorm.__call__
