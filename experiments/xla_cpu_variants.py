@@ -378,6 +378,9 @@ VARIANTS = {
         'data_parallel_2 with xla_cpu_multi_thread_eigen off (each device program runs its '
         'operations on its own thread only); parameter gradient 0.85x, DSM step 0.90x wall (as '
         'data_parallel_2).', devices=2, compiler_options={'xla_cpu_multi_thread_eigen': False}),
+    'data_parallel_2_concurrency': Variant(
+        'data_parallel_2 with xla_cpu_enable_concurrency_optimized_scheduler.', devices=2,
+        compiler_options={'xla_cpu_enable_concurrency_optimized_scheduler': True}),
     'data_parallel_4': Variant(
         'the batch split over 4 host CPU devices (two threads per core); parameter gradient '
         '1.00x wall (7 rounds, separate run against 1 device in the same process).', devices=4),
