@@ -391,27 +391,34 @@ VARIANTS = {
     'data_parallel_2': Variant(
         'the batch split over 2 host CPU devices (jax_num_cpu_devices=2, what --cpu_devices=2 '
         'does; each device program on its own thread, parameters replicated, gradients summed '
-        'by an all-reduce). Wall time (process CPU time is ~1.0x): parameter gradient 0.82x, DSM '
-        'step 0.82-0.91x, student 0.90x, critic 0.91x, 1 + 4 cycle 0.91x; compile ~2.3x.',
-        devices=2),
+        'by an all-reduce). Wall time against current (one device), 3 rounds with the FastGen '
+        'reference: forward 0.75x, input gradient 0.65x, parameter gradient 0.71x, DSM step '
+        '0.77x, student 0.68x, critic 0.69x, 1 + 4 cycle 0.69x (parameter gradient 0.99x and '
+        'DSM step 1.05x FastGen\'s); before GroupNorm stopped concatenating along the batch: '
+        'parameter gradient 0.82-0.93x, DSM step 0.82-0.91x, cycle 0.91x.', devices=2),
     'groupnorm_batch_concat': Variant(
         'GroupNorm statistics concatenated along the batch axis ([2B, C], the formulation before '
-        'they were stacked after it).', ((layers.GroupNorm, '__call__', group_norm_batch_concat),)),
+        'they were stacked after it); one device: parameter gradient 1.05x, DSM step 1.07x wall '
+        '(noise).', ((layers.GroupNorm, '__call__', group_norm_batch_concat),)),
     'data_parallel_2_batch_concat': Variant(
         'data_parallel_2 with the GroupNorm statistics concatenated along the (sharded) batch '
         'axis: XLA moves them between the devices (612 all-to-alls, 408 collective permutes in '
-        'the parameter gradient).', ((layers.GroupNorm, '__call__', group_norm_batch_concat),),
-        devices=2),
+        'the parameter gradient) and the two device programs run in lockstep; parameter gradient '
+        '1.02x, DSM step 1.07x the wall time of current on one device.',
+        ((layers.GroupNorm, '__call__', group_norm_batch_concat),), devices=2),
     'data_parallel_2_eigen_1': Variant(
         'data_parallel_2 with xla_cpu_multi_thread_eigen off (each device program runs its '
-        'operations on its own thread only); parameter gradient 0.85x, DSM step 0.90x wall (as '
-        'data_parallel_2).', devices=2, compiler_options={'xla_cpu_multi_thread_eigen': False}),
+        'operations on its own thread only); before the GroupNorm change: parameter gradient '
+        '0.85x, DSM step 0.90x wall (as data_parallel_2 then).', devices=2, compiler_options={'xla_cpu_multi_thread_eigen': False}),
     'data_parallel_2_concurrency': Variant(
-        'data_parallel_2 with xla_cpu_enable_concurrency_optimized_scheduler.', devices=2,
+        'data_parallel_2 with xla_cpu_enable_concurrency_optimized_scheduler; before the '
+        'GroupNorm change: parameter gradient 0.94x, DSM step 0.90x (as data_parallel_2 then).',
+        devices=2,
         compiler_options={'xla_cpu_enable_concurrency_optimized_scheduler': True}),
     'data_parallel_4': Variant(
-        'the batch split over 4 host CPU devices (two threads per core); parameter gradient '
-        '1.00x wall (7 rounds, separate run against 1 device in the same process).', devices=4),
+        'the batch split over 4 host CPU devices (two per core); before the GroupNorm change: '
+        'parameter gradient 1.00x wall (7 rounds, against 1 device in the same process).',
+        devices=4),
     'fusion_emitters_off': Variant(
         'xla_cpu_use_fusion_emitters off (the older loop emitter); parameter gradient 1.03x '
         'wall, 1.10x CPU.', compiler_options={'xla_cpu_use_fusion_emitters': False}),

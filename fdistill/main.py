@@ -4,12 +4,15 @@
     python -m fdistill.main --config=configs/toy.py --workdir=runs/toy --mode=sample \
         --config.sampling.sampler=pc
 
-On a multi-core CPU, --cpu_devices=2 shards the batch over two CPU devices (one thread each).
+On a multi-core CPU, --cpu_devices=2 (or FDISTILL_CPU_DEVICES=2) shards the batch over two CPU
+devices, one thread each.
 
 Multi-host: pass --coordinator_address=host:port --num_processes=N --process_id=i, or
 --distributed to let JAX auto-detect the cluster (TPU pods, SLURM, Open MPI).
 """
 from __future__ import annotations
+
+import os
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -43,9 +46,10 @@ flags.DEFINE_bool("verbose", False, "Print the full traceback of an error.")
 flags.DEFINE_bool("compilation_cache", True,
                   "Keep compiled programs on disk (FDISTILL_COMPILATION_CACHE: a directory, or 0 "
                   "for off) so that a rerun or a resumed run does not compile again.")
-flags.DEFINE_integer("cpu_devices", 1,
+flags.DEFINE_integer("cpu_devices", int(os.environ.get(sharding.CPU_DEVICES_ENV, "1")),
                      "Split the CPU into this many JAX devices and shard the batch over them "
-                     "(faster on a multi-core CPU; the batch sizes must be multiples of it).")
+                     "(faster on a multi-core CPU: one per core; the batch sizes must be multiples "
+                     f"of it). Default: ${sharding.CPU_DEVICES_ENV}, else 1.")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
