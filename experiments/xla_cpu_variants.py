@@ -408,16 +408,18 @@ VARIANTS = {
         ((layers.GroupNorm, '__call__', group_norm_batch_concat),), devices=2),
     'data_parallel_2_eigen_1': Variant(
         'data_parallel_2 with xla_cpu_multi_thread_eigen off (each device program runs its '
-        'operations on its own thread only); before the GroupNorm change: parameter gradient '
-        '0.85x, DSM step 0.90x wall (as data_parallel_2 then).', devices=2, compiler_options={'xla_cpu_multi_thread_eigen': False}),
+        'operations on its own thread only): parameter gradient 0.64x, DSM step 0.69x wall '
+        '(data_parallel_2 0.66x, 0.73x in the same run, load ~8); before the GroupNorm change '
+        '0.85x, 0.90x (as data_parallel_2 then).', devices=2, compiler_options={'xla_cpu_multi_thread_eigen': False}),
     'data_parallel_2_concurrency': Variant(
         'data_parallel_2 with xla_cpu_enable_concurrency_optimized_scheduler; before the '
         'GroupNorm change: parameter gradient 0.94x, DSM step 0.90x (as data_parallel_2 then).',
         devices=2,
         compiler_options={'xla_cpu_enable_concurrency_optimized_scheduler': True}),
     'data_parallel_4': Variant(
-        'the batch split over 4 host CPU devices (two per core); before the GroupNorm change: '
-        'parameter gradient 1.00x wall (7 rounds, against 1 device in the same process).',
+        'the batch split over 4 host CPU devices (two per core): parameter gradient 0.62x, DSM '
+        'step 0.72x wall (data_parallel_2 0.66x, 0.73x in the same run, load ~8); before the '
+        'GroupNorm change 1.00x (parameter gradient, 7 rounds).',
         devices=4),
     'fusion_emitters_off': Variant(
         'xla_cpu_use_fusion_emitters off (the older loop emitter); parameter gradient 1.03x '
