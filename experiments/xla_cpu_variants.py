@@ -360,10 +360,12 @@ VARIANTS = {
     'tiling_propagation': Variant(
         'xla_cpu_experimental_enable_tiling_propagation; parameter gradient 1.16x.',
         compiler_options={'xla_cpu_experimental_enable_tiling_propagation': True}),
-    'attention_dpa': Variant('attention through jax.nn.dot_product_attention (XLA implementation).',
+    'attention_dpa': Variant('attention through jax.nn.dot_product_attention (XLA implementation); '
+                             'parameter gradient 1.03x, DSM step 1.06x wall.',
                              ((layers.UNetBlock, 'attention', attention_dot_product),)),
     'attention_qkv_matmuls': Variant(
-        'attention with separate q, k, v projections and k transposed once.',
+        'attention with separate q, k, v projections and k transposed once; parameter gradient '
+        '1.04x, DSM step 1.11x wall.',
         ((layers.UNetBlock, 'attention', attention_qkv_matmuls),)),
     'teacher_batched': Variant(
         'the critic iteration runs the teacher once over its fake and real inputs stacked along '
