@@ -412,7 +412,8 @@ VARIANTS = {
         'data_parallel_2 with xla_cpu_multi_thread_eigen off (each device program runs its '
         'operations on its own thread only): parameter gradient 0.64x, DSM step 0.69x wall '
         '(data_parallel_2 0.66x, 0.73x in the same run, load ~8); before the GroupNorm change '
-        '0.85x, 0.90x (as data_parallel_2 then).', devices=2, compiler_options={'xla_cpu_multi_thread_eigen': False}),
+        '0.85x, 0.90x (as data_parallel_2 then).', devices=2,
+        compiler_options={'xla_cpu_multi_thread_eigen': False}),
     'data_parallel_2_concurrency': Variant(
         'data_parallel_2 with xla_cpu_enable_concurrency_optimized_scheduler; before the '
         'GroupNorm change: parameter gradient 0.94x, DSM step 0.90x (as data_parallel_2 then).',
