@@ -369,7 +369,9 @@ VARIANTS = {
         ((layers.UNetBlock, 'attention', attention_qkv_matmuls),)),
     'teacher_batched': Variant(
         'the critic iteration runs the teacher once over its fake and real inputs stacked along '
-        'the batch (batch 32) instead of once per input; only the distillation iterations change.',
+        'the batch (batch 32) instead of once per input; only the distillation iterations change. '
+        'One device, 3 rounds: critic 0.94x wall, 0.99x CPU; student 1.01x (same GFLOP): within '
+        'noise, and on several devices its concatenation along the batch moves activations.',
         ((objective, 'BATCH_TEACHER_FEATURES', True),)),
     'dw_shift_matmuls': Variant(
         'weight gradient of each 3x3 convolution as 9 shifted [BHW, Cin]^T [BHW, Cout] matmuls; '
