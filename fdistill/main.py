@@ -12,8 +12,6 @@ Multi-host: pass --coordinator_address=host:port --num_processes=N --process_id=
 """
 from __future__ import annotations
 
-import os
-
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -46,7 +44,7 @@ flags.DEFINE_bool("verbose", False, "Print the full traceback of an error.")
 flags.DEFINE_bool("compilation_cache", True,
                   "Keep compiled programs on disk (FDISTILL_COMPILATION_CACHE: a directory, or 0 "
                   "for off) so that a rerun or a resumed run does not compile again.")
-flags.DEFINE_integer("cpu_devices", int(os.environ.get(sharding.CPU_DEVICES_ENV, "1")),
+flags.DEFINE_integer("cpu_devices", None,
                      "Split the CPU into this many JAX devices and shard the batch over them "
                      "(faster on a multi-core CPU: one per core; the batch sizes must be multiples "
                      f"of it). Default: ${sharding.CPU_DEVICES_ENV}, else 1.")
@@ -69,8 +67,11 @@ def run(config, workdir: str, mode: str) -> dict:
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
-    if FLAGS.cpu_devices != 1:
-        errors.cli_errors(sharding.set_cpu_devices, FLAGS.cpu_devices, verbose=FLAGS.verbose)
+    cpu_devices = FLAGS.cpu_devices
+    if cpu_devices is None:
+        cpu_devices = errors.cli_errors(sharding.cpu_devices_from_env, verbose=FLAGS.verbose)
+    if cpu_devices != 1:
+        errors.cli_errors(sharding.set_cpu_devices, cpu_devices, verbose=FLAGS.verbose)
     if FLAGS.compilation_cache:
         compilation_cache.enable()
     if FLAGS.distributed or FLAGS.coordinator_address:

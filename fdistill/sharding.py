@@ -8,6 +8,7 @@ inserts the all-gathers and reduce-scatters).
 from __future__ import annotations
 
 import math
+import os
 import socket
 import time
 
@@ -206,6 +207,14 @@ def _join(address: str, host: str, port: int, num_processes: int, process_id: in
         f"within {timeout_s:g} s; check --coordinator_address.")
 
 
+def cpu_devices_from_env() -> int:
+    """The CPU device count that ``$FDISTILL_CPU_DEVICES`` asks for (1 when unset)."""
+    value = os.environ.get(CPU_DEVICES_ENV, "").strip() or "1"
+    if not value.isdigit() or int(value) < 1:
+        raise ConfigError(f"{CPU_DEVICES_ENV}={value!r}: must be an integer >= 1")
+    return int(value)
+
+
 def set_cpu_devices(n: int) -> None:
     """Splits this host's CPU into ``n`` JAX devices (``jax_num_cpu_devices``); call before any
     JAX operation. The batch is then sharded over them like over accelerators, and each device's
@@ -246,9 +255,11 @@ def check_batch_size(global_batch_size: int, mesh: Mesh) -> None:
     """Raises before anything compiles when the batch cannot be split evenly."""
     n = mesh.devices.size
     if global_batch_size % n:
+        on_cpu = getattr(mesh.devices.flat[0], "platform", None) == "cpu"
         raise ValueError(
             f"global batch size {global_batch_size} is not divisible by the {n} devices of the "
-            f"mesh; set --config.training.batch_size to a multiple of {n}.")
+            f"mesh; set --config.training.batch_size to a multiple of {n}"
+            + (" or use fewer CPU devices (--cpu_devices)." if on_cpu else "."))
     if global_batch_size % jax.process_count():
         raise ValueError(
             f"global batch size {global_batch_size} is not divisible by the "

@@ -216,3 +216,14 @@ def test_guard_finite_keeps_the_finite_state_and_names_the_bad_entry(bad):
         flagged = np.isnan(out["nonfinite"]["values"][f"state/{k}"])
         assert flagged == (bad is not None and bad[0] == k)
     assert fn.lower(old, new).as_text().count("stablehlo.is_finite") <= 3
+
+
+def test_cpu_devices_from_the_environment(monkeypatch):
+    monkeypatch.delenv(sharding.CPU_DEVICES_ENV, raising=False)
+    assert sharding.cpu_devices_from_env() == 1
+    monkeypatch.setenv(sharding.CPU_DEVICES_ENV, "2")
+    assert sharding.cpu_devices_from_env() == 2
+    for bad in ("two", "0", "-1"):
+        monkeypatch.setenv(sharding.CPU_DEVICES_ENV, bad)
+        with pytest.raises(errors.ConfigError, match=sharding.CPU_DEVICES_ENV):
+            sharding.cpu_devices_from_env()
