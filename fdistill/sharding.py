@@ -220,7 +220,7 @@ def set_cpu_devices(n: int) -> None:
     JAX operation. The batch is then sharded over them like over accelerators, and each device's
     share of a step runs as its own program on its own thread, so XLA:CPU's single-threaded
     elementwise loops and layout copies run on ``n`` cores at once (benchmark network, batch 16,
-    2 cores: DSM step 0.70-0.77x, distillation iterations 0.68-0.69x the wall time of one
+    2 cores: DSM step 0.65-0.77x, distillation iterations 0.68-0.72x the wall time of one
     device). The results equal one device's to float tolerance; the batch must be a multiple of
     ``n``. No effect on the accelerators of a GPU or TPU run."""
     if not (isinstance(n, int) and n >= 1):

@@ -202,9 +202,8 @@ class GroupNorm(nnx.Module):
     membership matrix [C, G] (two tiny matmuls, each for two statistics): the matmuls end XLA:CPU's
     loop fusions there, so each fused elementwise pass over the activations applies one
     per-(sample, channel) scale and shift instead of re-deriving the group statistics per element,
-    and its backward does the same. The two statistics are stacked after the batch axis, so a
-    batch sharded over devices stays where it is (stacked along the batch, XLA moved them between
-    devices with all-to-alls and collective permutes at every GroupNorm).
+    and its backward does the same. The two statistics are stacked after the batch axis, not
+    concatenated along it, so a batch sharded over devices stays on its devices.
     """
 
     def __init__(self, num_channels: int, *, groups: int | None = None, eps: float = 1e-5):
