@@ -30,10 +30,18 @@ across runs. The load average is printed before and after.
     PYTHONPATH=. python experiments/bench_distill.py --distill --sampling --rounds 5
     PYTHONPATH=. python experiments/bench_distill.py --smoke --variants current,pre_change
     PYTHONPATH=. python experiments/bench_distill.py --phases= --guard 100,200,400
+    PYTHONPATH=. python experiments/bench_distill.py --distill --variants current,data_parallel_2 \
+        --reference=FASTGEN_CHECKOUT --reference_python=TORCH_PYTHON
+
+Variants with `devices` > 1 (data_parallel_2: what --cpu_devices=2 does) split the batch over
+that many CPU devices of this process (--host_devices, default the largest such variant's), the
+others run on one of them. A FastGen checkout from a bare mirror: `git --git-dir=MIRROR archive
+HEAD | tar -x -C FASTGEN_CHECKOUT`.
 
 FastGen (PyTorch 2.14, 2 threads, batch 16) on this machine, median of 5 process runs: DSM step
 329 ms, student iteration 626, critic 460, 1 + 4 cycle mean 497; single passes: forward 124 ms,
-forward + input gradient 200, forward + parameter gradient 373.
+forward + input gradient 200, forward + parameter gradient 373. In the same rounds as ours at load
+average 5.5-7.5 (torch 2.13): forward 258, input gradient 570, parameter gradient 721, DSM 750.
 """
 from __future__ import annotations
 
@@ -135,41 +143,59 @@ def network_config(smoke: bool):
     return c
 
 
+def variant_mesh(variant: str):
+    """A 1-D ``data`` mesh over the first `devices` devices of `variant` (the batch is split over
+    it, the parameters replicated)."""
+    from fdistill import sharding
+    n = get_variant(variant).devices
+    if n > jax.device_count():
+        raise ValueError(f"variant {variant!r} splits the batch over {n} devices, this process has "
+                         f"{jax.device_count()}: pass --host_devices {n}")
+    return jax.sharding.Mesh(np.asarray(jax.devices()[:n]), (sharding.DATA_AXIS,),
+                             axis_types=(jax.sharding.AxisType.Auto,))
+
+
 def network_programs(config, variant: str, phases, batch: int) -> list[Program]:
     """The per-network phases on the teacher alone (no distillation code involved)."""
+    from fdistill import sharding
     den = models.get_model(config, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(den)
     process = den.process
-    key = jax.random.key(0)
-    k_x, k_s, k_n = jax.random.split(key, 3)
+    mesh = variant_mesh(variant)
+    params = jax.device_put(params, sharding.replicated(mesh))
+    key = jax.device_put(jax.random.key(0), sharding.replicated(mesh))
+    k_x, k_s, k_n = jax.random.split(jax.random.key(0), 3)
     x0 = jax.random.uniform(k_x, (batch, 32, 32, 3), minval=-1.0, maxval=1.0)
     labels = jax.nn.one_hot(jnp.arange(batch) % 10, 10)
     sigma = process.sample_training_sigma(k_s, batch)
     x_t = x0 + sigma[:, None, None, None] * jax.random.normal(k_n, x0.shape)
+    data = jax.device_put(dict(x0=x0, labels=labels, sigma=sigma), sharding.batch_sharding(mesh))
+    x_t = jax.device_put(x_t, sharding.batch_sharding(mesh))
 
-    def forward(params, x_t):
-        return nnx.merge(graphdef, params)(x_t, sigma, labels)
+    def forward(params, x_t, data):
+        return nnx.merge(graphdef, params)(x_t, data["sigma"], data["labels"])
 
-    def loss(params, x_t):
-        return jnp.mean(jnp.square(forward(params, x_t) - x0))
+    def loss(params, x_t, data):
+        return jnp.mean(jnp.square(forward(params, x_t, data) - data["x0"]))
 
     tx = optax.chain(optax.clip_by_global_norm(10.0), optax.adam(1e-4))
 
-    def dsm_step(state, key):
+    def dsm_step(state, key, data):
         params, opt_state = state
 
         def loss_fn(params):
-            per_example, _ = losses.edm_losses(nnx.merge(graphdef, params), process, key, x0, labels)
+            per_example, _ = losses.edm_losses(nnx.merge(graphdef, params), process, key,
+                                               data["x0"], data["labels"])
             return per_example.mean()
 
         value, grads = jax.value_and_grad(loss_fn)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
         return (optax.apply_updates(params, updates), opt_state), value
 
-    fns = {"forward": (forward, (params, x_t), None),
-           "input_grad": (jax.grad(loss, argnums=1), (params, x_t), None),
-           "param_grad": (jax.grad(loss), (params, x_t), None),
-           "dsm": (dsm_step, ((params, tx.init(params)), key), 0)}
+    fns = {"forward": (forward, (params, x_t, data), None),
+           "input_grad": (jax.grad(loss, argnums=1), (params, x_t, data), None),
+           "param_grad": (jax.grad(loss), (params, x_t, data), None),
+           "dsm": (dsm_step, ((params, tx.init(params)), key, data), 0)}
     out = []
     for phase in phases:
         fn, args, state_argnum = fns[phase]
@@ -200,7 +226,7 @@ def distillation_programs(config, variant: str, divergences, batch: int, samplin
         d.batch_size = batch
         return c
 
-    mesh = sharding.make_mesh()
+    mesh = variant_mesh(variant)
     key = jax.random.key(0)
     x = np.asarray(jax.random.uniform(key, (batch, 32, 32, 3), minval=-1.0, maxval=1.0))
     labels = np.asarray(jax.nn.one_hot(np.arange(batch) % 10, 10))
@@ -364,6 +390,9 @@ def main():
                    help="a FastGen checkout: time its network's phases in the same rounds")
     p.add_argument("--reference_python", default=sys.executable,
                    help="the Python (with torch and FastGen's requirements) that runs it")
+    p.add_argument("--host_devices", type=int, default=0,
+                   help="CPU devices of this process (jax_num_cpu_devices); variants with "
+                        "devices > 1 split the batch over that many")
     p.add_argument("--smoke", action="store_true", help="16 channels, 1 block: checks the script")
     p.add_argument("--guard", default="",
                    help="leaf counts (comma-separated) at which to time the finite guard alone, "
@@ -373,6 +402,9 @@ def main():
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     for v in variants:
         get_variant(v)
+    host_devices = args.host_devices or max(get_variant(v).devices for v in variants)
+    if host_devices > 1:
+        jax.config.update("jax_num_cpu_devices", host_devices)
     phases = [s.strip() for s in args.phases.split(",") if s.strip()]
     bad = [s for s in phases if s not in PHASES]
     if bad:
@@ -380,7 +412,8 @@ def main():
     if args.reference and args.smoke:
         raise ValueError("--reference times FastGen's network at the BENCHMARKS setting; drop "
                          "--smoke to compare like with like.")
-    print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} cpus, "
+    print(f"jax {jax.__version__} on {jax.device_count()} {jax.devices()[0].platform} devices, "
+          f"{os.cpu_count()} cpus, "
           f"load average {os.getloadavg()[0]:.2f}", flush=True)
 
     config = network_config(args.smoke)

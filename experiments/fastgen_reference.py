@@ -38,7 +38,7 @@ def build(fastgen: str, batch: int, threads: int):
 
     def denoise(x):
         xin, c_noise, _ = precond_input(x, sigma)
-        return precond_output(net(xin, c_noise, labels), x, sigma)
+        return precond_output(net(xin, c_noise, labels, feature_indices=set()), x, sigma)
 
     def loss_of(x):
         weight = (sigma ** 2 + 0.25) / (sigma * 0.5) ** 2
@@ -53,7 +53,7 @@ def build(fastgen: str, batch: int, threads: int):
         torch.autograd.grad(loss_of(x), [x])
 
     def param_grad():
-        torch.autograd.grad(loss_of(x_t), params)
+        torch.autograd.grad(loss_of(x_t), params, allow_unused=True)
 
     def dsm():
         opt.zero_grad(set_to_none=True)

