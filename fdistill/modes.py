@@ -460,9 +460,12 @@ def build_distillation(config, teacher, mesh, *, student=None) -> distill_lib.Di
                 block_size=int(s.block_size)),)
         noise = video_distill.noise_of(dc, noise)
     else:
-        generator = student_lib.FewStep(student_lib.student_sigmas(
-            process, dc.student_steps, dc.get("student_sigmas")))
+        sigmas = student_lib.student_sigmas(process, dc.student_steps, dc.get("student_sigmas"))
+        generator = student_lib.FewStep(sigmas)
         extra = ()
+        if dc.get("regression_weight", 0.0) > 0:
+            extra = (ode_regression.RegressionTerm(float(dc.regression_weight),
+                                                   tuple(sigmas) + (0.0,)),)
     objective = objective_lib.FDivergenceObjective(
         divergence=divergences.get(dc.divergence, **dict(dc.get("divergence_params", {}) or {})),
         generator=generator, noise=noise, process=process, feature_source=dc.feature_source, guidance_scale=dc.guidance_scale,
@@ -489,20 +492,29 @@ def student_draw(config, distillation: distill_lib.Distillation, batch_size: int
     return draw
 
 
-def regression_init(config, teacher, workdir: str, mesh) -> nnx.Module:
-    """The image student after ``distill.ode_init_steps`` steps of regression onto the
-    teacher's PF-ODE (``fdistill.ode_regression``); pairs and result kept in ``workdir``."""
+def image_pairs(config, teacher, workdir: str) -> dict:
+    """The teacher's ODE pairs of an image distillation (``distill.num_pairs``, drawn once and
+    kept in ``<workdir>/ode_pairs.npz``)."""
     dc = config.distill
     sigmas = student_lib.student_sigmas(teacher.process, dc.student_steps,
                                         dc.get("student_sigmas")) + (0.0,)
     k = int(config.data.get("num_classes", 0))
-    pairs = ode_regression.load_or_draw_pairs(
+    return ode_regression.load_or_draw_pairs(
         os.path.join(workdir, "ode_pairs.npz"),
         lambda: ode_regression.teacher_pairs(teacher, jax.random.key(config.seed + 11),
                                              int(dc.num_pairs), data.example_shape(config.data),
                                              sigmas, substeps=int(dc.pair_substeps),
                                              batch_size=min(int(dc.num_pairs), 4096),
                                              num_classes=k), num=int(dc.num_pairs))
+
+
+def regression_init(config, teacher, workdir: str, mesh) -> nnx.Module:
+    """The image student after ``distill.ode_init_steps`` steps of regression onto the
+    teacher's PF-ODE (``fdistill.ode_regression``); pairs and result kept in ``workdir``."""
+    dc = config.distill
+    sigmas = student_lib.student_sigmas(teacher.process, dc.student_steps,
+                                        dc.get("student_sigmas")) + (0.0,)
+    pairs = image_pairs(config, teacher, workdir)
 
     def loss_fn(model, key, batch):
         return ode_regression.regression_loss(model, key, batch, sigmas)
@@ -545,15 +557,21 @@ def distill(config, workdir: str) -> dict:
         sharding.check_batch_size(dc.batch_size, mesh)
     except ValueError as e:
         raise ValueError(f"config.distill.batch_size: {e}") from e
-    student, extra_batches = None, None
+    student, extra_batches, extra_key = None, None, ""
+    init_dir = dc.get("init_workdir", "") or workdir
     if is_video(config):
-        student, pairs = video_distill.prepare_student(config, teacher,
-                                                       dc.get("init_workdir", "") or workdir, mesh)
+        student, pairs = video_distill.prepare_student(config, teacher, init_dir, mesh)
         if dc.fkl_weight > 0:
             sharding.check_batch_size(dc.fkl_batch_size, mesh)
             extra_batches = video_distill.fkl_batches(pairs, dc.fkl_batch_size, seed=config.seed)
-    elif dc.get("ode_init_steps", 0) > 0:
-        student = regression_init(config, teacher, dc.get("init_workdir", "") or workdir, mesh)
+            extra_key = "fkl"
+    else:
+        if dc.get("ode_init_steps", 0) > 0:
+            student = regression_init(config, teacher, init_dir, mesh)
+        if dc.get("regression_weight", 0.0) > 0:
+            extra_batches = ode_regression.PairBatches(image_pairs(config, teacher, init_dir),
+                                                       dc.batch_size, seed=config.seed + 1)
+            extra_key = "regression"
     distillation = build_distillation(config, teacher, mesh, student=student)
     ds = dataset(config, dc.batch_size)
     k = int(config.data.get("num_classes", 0))
@@ -561,7 +579,7 @@ def distill(config, workdir: str) -> dict:
     def step_fn(state, i):
         batch = with_one_hot_labels(ds.batch(i), k)
         if extra_batches is not None:
-            batch["fkl"] = extra_batches.batch(i)
+            batch[extra_key] = extra_batches.batch(i)
         return distillation.step(state, i, sharding.global_batch(batch, mesh))
 
     draws: dict = {}

@@ -18,6 +18,7 @@ initialise their video students by it. Here it is an initialisation, for images 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Callable
@@ -92,6 +93,23 @@ def regression_loss(student, key, pairs: dict, student_sigmas, **student_kwargs)
     pred = student(x_in, sigma, pairs.get("label"), **student_kwargs)
     loss = jnp.mean((pred - x0) ** 2)
     return loss, {"train/ode_regression": loss}
+
+
+@dataclasses.dataclass(frozen=True)
+class RegressionTerm:
+    """DMD's regression loss (Yin et al. 2024, Sec. 3.3, Eq. 7; squared error where DMD uses
+    LPIPS) as a term of the student's loss during distribution matching:
+    ``weight * regression_loss`` on the teacher's ODE pairs of ``batch['regression']``. It keeps
+    the student on the teacher's ODE map where the distribution-matching gradient is weaker than
+    the networks' errors."""
+
+    weight: float
+    sigmas: tuple[float, ...]
+    metric_names: tuple[str, ...] = ("student/loss_regression",)
+
+    def __call__(self, student, key, batch):
+        loss, _ = regression_loss(student, key, batch["regression"], self.sigmas)
+        return self.weight * loss, {"student/loss_regression": loss}
 
 
 class PairBatches:

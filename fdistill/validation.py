@@ -126,6 +126,7 @@ def _distillation(c: _Checks) -> None:
     c.integer("distill.ode_init_steps", 0)
     c.integer("distill.eval_every", 0)
     c.fraction("distill.ema_rate")
+    c.nonnegative("distill.regression_weight")
     c.positive("distill.timestep_shift")
     c.integer("distill.fkl_steps", 1)
     k, steps = _get(c.config, "distill.fkl_steps"), _get(c.config, "student.num_steps")

@@ -114,6 +114,22 @@ def test_end_to_end_toy_distillation_recovers_all_modes(configs, tmp_path):
     assert sampled["sample/nfe"] == 1 and sampled["sample/recall"] >= 0.875
 
 
+def test_regression_term_feeds_the_teachers_pairs_through_the_loop(configs, tmp_path):
+    """With distill.regression_weight > 0 and no ODE initialisation, the teacher's pairs are drawn
+    into the workdir and each student iteration regresses on a minibatch of them: the logged
+    regression loss is the student's, finite, and the pairs are the configured count."""
+    _, c, _ = configs
+    c = copy.deepcopy(c)
+    c.distill.update(num_steps=10, log_every=5, ckpt_every=10, batch_size=32, num_pairs=64,
+                     pair_substeps=2, regression_weight=1.0, num_eval_samples=64,
+                     eval_batch_size=64)
+    results = modes.distill(c, str(tmp_path))
+    assert np.isfinite(results["final/student/loss_regression"]) and \
+        results["final/student/loss_regression"] > 0
+    with np.load(tmp_path / "ode_pairs.npz") as f:
+        assert f["x0"].shape == (64, 2) and f["states"].shape == (64, 1, 2)
+
+
 def test_missing_teacher_or_own_workdir_fails_before_compiling(configs, tmp_path):
     _, c, _ = configs
     c = copy.deepcopy(c)

@@ -235,3 +235,31 @@ def test_critic_teacher_features_in_one_batched_pass_equal_separate_passes(monke
         np.testing.assert_allclose(metrics[k], ref_metrics[k], rtol=1e-5, atol=1e-6, err_msg=k)
     for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
         np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5 * float(np.abs(r).max()) + 1e-8)
+
+
+def test_regression_term_adds_dmds_regression_loss_on_the_pairs():
+    """With distill.regression_weight w, the student loss gains w * mean ||G(x_k, sigma_k) - x0||^2
+    on the batch's teacher pairs (DMD's regression loss): for a constant student c it is
+    w * mean (c - x0)^2, whatever level is drawn, and nothing else in the loss changes."""
+    from fdistill import ode_regression
+    c = np.asarray([0.5, -1.5], np.float32)
+    student_net, fake, teacher, disc = _critic_parts(c)
+    rng = np.random.default_rng(0)
+    x0 = rng.normal(size=(16, 2)).astype(np.float32)
+    pairs = {"states": rng.normal(size=(16, 1, 2)).astype(np.float32), "x0": x0}
+    batch = {"x": np.zeros((16, 2), np.float32), "regression": pairs}
+    term = ode_regression.RegressionTerm(0.25, (80.0, 0.0))
+    key, ema = jax.random.key(0), np.ones((10,), np.float32)
+    plain, (m0, _) = _objective().student_loss(student_net, teacher, fake, disc, key, batch, ema)
+    with_term, (m1, _) = _objective(extra_terms=(term,)).student_loss(
+        student_net, teacher, fake, disc, key, batch, ema)
+    closed = np.mean((c - x0) ** 2)
+    np.testing.assert_allclose(m1["student/loss_regression"], closed, rtol=1e-6)
+    np.testing.assert_allclose(with_term - plain, 0.25 * closed, rtol=1e-5)
+    assert m1["student/loss_dm"] == m0["student/loss_dm"]
+    cfg = modes.resolve_config(_config("distill_toy"), toy.get_config())
+    assert cfg.distill.regression_weight == 0.0                  # off in the reference recipe
+    cfg.distill.regression_weight = 0.25
+    d = modes.build_distillation(cfg, modes.build_model(cfg), sharding.make_mesh())
+    assert d.objective.extra_terms == (ode_regression.RegressionTerm(0.25, (80.0, 0.0)),)
+    assert "student/loss_regression" in d.objective.metric_names()
