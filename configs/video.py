@@ -64,6 +64,8 @@ def get_config(variant: str = "hiar") -> ml_collections.ConfigDict:
     p.P_mean = -0.5         # wider than EDM's (-1.2, 1.2): a small model trained briefly must
     p.P_std = 1.6           # also see the high noise levels the 4-step student starts from
     p.rho = 7.0
+    p.frame_correlation = 0.0   # > 0: noise shared across a clip's frames (teacher only for now;
+                                #   distillation refuses it)
 
     c.model = m = ml_collections.ConfigDict()
     m.name = "video_transformer"
