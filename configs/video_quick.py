@@ -24,6 +24,10 @@ def get_config(variant: str = "hiar"):
     #   RoPE bases 10 / 4, depth 3, P_mean 0.5:                1.40 / 0.030 / 0.05 / 418
     #   RoPE bases 10 / 4, depth 4, mlp_ratio 2, P_mean 0.5:   1.38 / 0.034 / 0.05 / 300
     #   the same, 4,000 steps:                                 1.33 / 0.021 / 0.05 / 404
+    #   the default's teacher (the ablation's) sampled with Heun 18 / 40 steps (no training):
+    #                                                  1.38 / 0.034 / 0.05 vs 1.36 / 0.033 / 0.05
+    #   the default with RoPE frame base 3:                    1.32 / 0.028 / 0.04 / 2917
+    # (2917 s: the cores were loaded ~7 deep at nice 19; the same run takes ~300 s when quiet.)
     # (the last three rows cost about the same FLOPs per step; timings vary with the other jobs
     # on the cores: the 2,000-step default took 247-300 s, its 4,000 steps 404 s on quiet cores).
     c.model.dim = 32
