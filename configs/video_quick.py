@@ -28,6 +28,10 @@ def get_config(variant: str = "hiar"):
     #                                                  1.38 / 0.034 / 0.05 vs 1.36 / 0.033 / 0.05
     #   the default with RoPE frame base 3:                    1.32 / 0.028 / 0.04 / 2917
     # (2917 s: the cores were loaded ~7 deep at nice 19; the same run takes ~300 s when quiet.)
+    # Noise shared across the clip's frames (process.frame_correlation rho: training, prior and
+    # sampler; the frames start from one shared draw plus their own), on the default:
+    #   rho 0.5:                                               1.19 / 0.038 / 0.025 / 684
+    # (its typical pair moves 0.81 px against the data's 0.92: fewer jumps, slightly slower.)
     # (the last three rows cost about the same FLOPs per step; timings vary with the other jobs
     # on the cores: the 2,000-step default took 247-300 s, its 4,000 steps 404 s on quiet cores).
     c.model.dim = 32
