@@ -31,6 +31,7 @@ def get_config(variant: str = "hiar"):
     # Noise shared across the clip's frames (process.frame_correlation rho: training, prior and
     # sampler; the frames start from one shared draw plus their own), on the default:
     #   rho 0.5:                                               1.19 / 0.038 / 0.025 / 684
+    #   rho 0.8:                                               1.43 / 0.040 / 0.042 / 488
     # (its typical pair moves 0.81 px against the data's 0.92: fewer jumps, slightly slower.)
     # (the last three rows cost about the same FLOPs per step; timings vary with the other jobs
     # on the cores: the 2,000-step default took 247-300 s, its 4,000 steps 404 s on quiet cores).
