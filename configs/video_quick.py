@@ -24,6 +24,21 @@ def get_config(variant: str = "hiar"):
     #   RoPE bases 10 / 4, depth 3, P_mean 0.5:                1.40 / 0.030 / 0.05 / 418
     #   RoPE bases 10 / 4, depth 4, mlp_ratio 2, P_mean 0.5:   1.38 / 0.034 / 0.05 / 300
     #   the same, 4,000 steps:                                 1.33 / 0.021 / 0.05 / 404
+    #   the default's teacher (the ablation's) sampled with Heun 18 / 40 steps (no training):
+    #                                                  1.38 / 0.034 / 0.05 vs 1.36 / 0.033 / 0.05
+    #   the default with RoPE frame base 3:                    1.32 / 0.028 / 0.04 / 2917
+    # (2917 s: the cores were loaded ~7 deep at nice 19; the same run takes ~300 s when quiet.)
+    # Noise shared across the clip's frames (process.frame_correlation rho: training, prior and
+    # sampler; the frames start from one shared draw plus their own), on the default:
+    #   rho 0.5:                                               1.19 / 0.038 / 0.025 / 684
+    #   rho 0.8:                                               1.43 / 0.040 / 0.042 / 488
+    #   rho 0.5, seed 1 (the runs above are seed 0):           1.42 / 0.035 / 0.052 / 249
+    #   the default, seed 1:                                   1.67 / 0.036 / 0.085 / 233
+    #   rho 0.5, seed 2:                                       1.24 / 0.029 / 0.057 / 493
+    #   the default, seed 2:                                   1.48 / 0.028 / 0.078 / 173
+    # Over seeds 0-2: default 1.51 +- 0.12, rho 0.5 1.29 +- 0.10 (lower in every seed).
+    # The training seed moves the speed ratio by ~0.3: every single-seed row above is within it.
+    # (its typical pair moves 0.81 px against the data's 0.92: fewer jumps, slightly slower.)
     # (the last three rows cost about the same FLOPs per step; timings vary with the other jobs
     # on the cores: the 2,000-step default took 247-300 s, its 4,000 steps 404 s on quiet cores).
     c.model.dim = 32

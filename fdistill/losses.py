@@ -47,7 +47,8 @@ def dsm_losses(model, process: SDE, key, x0, class_labels=None, *, likelihood_we
 
 def edm_losses(model, process: EDM, key, x0, class_labels=None, *, reduce_mean=True, dropout_key=None,
                per_frame=False):
-    """EDM eq. 8 / Table 1, per example: ln sigma ~ N(P_mean, P_std^2), n ~ N(0, sigma^2 I),
+    """EDM eq. 8 / Table 1, per example: ln sigma ~ N(P_mean, P_std^2), n = sigma * process.noise
+    (N(0, sigma^2 I) unless its frames are correlated),
 
         lambda(sigma) || D(x_0 + n; sigma) - x_0 ||^2,
         lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2,
@@ -61,7 +62,7 @@ def edm_losses(model, process: EDM, key, x0, class_labels=None, *, reduce_mean=T
     k_sigma, k_n = jax.random.split(key)
     shape = x0.shape[:2] if per_frame else x0.shape[:1]
     sigma = process.sample_training_sigma(k_sigma, math.prod(shape)).reshape(shape)
-    x_t = x0 + bcast(sigma, x0) * jax.random.normal(k_n, x0.shape)
+    x_t = x0 + bcast(sigma, x0) * process.noise(k_n, x0.shape)
     x0_hat = model(x_t, sigma, class_labels, key=dropout_key)
     sq = ((x0_hat - x0) ** 2).reshape(shape + (-1,))
     per_unit = jnp.mean(sq, axis=-1) if reduce_mean else jnp.sum(sq, axis=-1)

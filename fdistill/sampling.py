@@ -99,7 +99,7 @@ def euler_maruyama(denoise_fn: DenoiseFn, process: SDE, key, shape, class_labels
         x0_hat = denoise_fn(x, t, class_labels)
         drift, diffusion = process.sde(x, t)
         drift = drift - bcast(diffusion, x) ** 2 * process.score_from_denoised(x, t, x0_hat)
-        z = jax.random.normal(jax.random.fold_in(key, i), shape)
+        z = process.noise(jax.random.fold_in(key, i), shape)
         x = x + drift * dt + bcast(diffusion, x) * jnp.sqrt(-dt) * z
         return x, x0_hat
 
@@ -111,7 +111,7 @@ def langevin_step(score_fn, process: SDE, key, x, t, snr: float):
     """One Langevin corrector step (Score-SDE Algorithm 4/5): eps = 2 alpha_i (snr ||z|| / ||s||)^2,
     x <- x + eps s + sqrt(2 eps) z; norms are averaged over the batch as in Score-SDE."""
     grad = score_fn(x, t)
-    noise = jax.random.normal(key, x.shape)
+    noise = process.noise(key, x.shape)
     grad_norm = jnp.mean(jnp.linalg.norm(grad.reshape(x.shape[0], -1), axis=-1))
     noise_norm = jnp.mean(jnp.linalg.norm(noise.reshape(x.shape[0], -1), axis=-1))
     step_size = 2 * process.langevin_alpha(t) * (snr * noise_norm / grad_norm) ** 2
@@ -150,7 +150,7 @@ def pc(denoise_fn: DenoiseFn, process: SDE, key, shape, class_labels=None, *, sn
         rsde = process.reverse(lambda x_, t_: process.score_from_denoised(x_, t_, x0_hat),
                                probability_flow)
         f, G = rsde.discretize(x, t)
-        z = jax.random.normal(keys[n_corrector], shape)
+        z = process.noise(keys[n_corrector], shape)
         return x - f + bcast(G, x) * z, x0_hat
 
     x, x0_hat = jax.lax.fori_loop(0, n, step, (x, x))
@@ -191,7 +191,7 @@ def _ode_sampler(denoise_fn, process, key, shape, class_labels, num_steps, rho, 
             return x, s
         S_churn, S_min, S_max, S_noise = churn
         gamma = jnp.where((s >= S_min) & (s <= S_max), min(S_churn / num_steps, math.sqrt(2.) - 1.), 0.)
-        z = jax.random.normal(jax.random.fold_in(key, i), shape)
+        z = process.noise(jax.random.fold_in(key, i), shape)
         # sqrt(sigma_hat^2 - sigma^2) written as sigma sqrt(gamma (2 + gamma)): never negative.
         return x + s * jnp.sqrt(gamma * (2. + gamma)) * S_noise * z, s * (1. + gamma)
 

@@ -80,6 +80,10 @@ class SDE(abc.ABC):
     def prior_logp(self, z: jax.Array) -> jax.Array:
         """log p_T(z) per example [B]."""
 
+    def noise(self, key: jax.Array, shape) -> jax.Array:
+        """The forward process' unit noise (standard normal); every sampler draws through it."""
+        return jax.random.normal(key, shape)
+
     @abc.abstractmethod
     def inverse_scaled_sigma(self, sigma: jax.Array) -> jax.Array:
         """The time t at which sigma_t / alpha_t = sigma (EDM Table 1's sigma^-1)."""
@@ -310,11 +314,14 @@ class EDM(SDE):
     P_std: float = 1.2
     rho: float = 7.
     N: int = 1000
+    frame_correlation: float = 0.
 
     def __post_init__(self):
         self._check_N()
         if not 0 < self.sigma_min < self.sigma_max:
             raise ValueError(f"EDM needs 0 < sigma_min < sigma_max, got {self.sigma_min}, {self.sigma_max}")
+        if not 0 <= self.frame_correlation < 1:
+            raise ValueError(f"EDM needs 0 <= frame_correlation < 1, got {self.frame_correlation}")
         if not (self.sigma_data > 0 and self.P_std > 0 and self.rho > 0):
             raise ValueError(f"EDM needs sigma_data, P_std, rho > 0, got {self.sigma_data}, "
                              f"{self.P_std}, {self.rho}")
@@ -334,11 +341,39 @@ class EDM(SDE):
         t = jnp.asarray(t, jnp.float32)
         return jnp.ones_like(t), t
 
+    def noise(self, key, shape) -> jax.Array:
+        """Unit-variance noise of ``shape``. With ``frame_correlation`` rho > 0 (clips
+        ``[B, T, H, W, C]``) each frame's noise is sqrt(rho) times one draw shared by the clip's
+        frames plus sqrt(1 - rho) times its own: frames correlate by rho. For any such fixed
+        noise covariance C the probability-flow ODE keeps its form dx/dsigma = (x - D) / sigma,
+        and ``score_from_denoised`` is C times the score: the drift that the reverse SDE and
+        Langevin steps need when their noise is drawn here."""
+        rho = self.frame_correlation
+        if not rho:
+            return jax.random.normal(key, shape)
+        if len(shape) != 5:
+            raise ValueError(f"frame_correlation needs clips [B, T, H, W, C]; got shape {shape}")
+        k_shared, k_own = jax.random.split(key)
+        shared = jax.random.normal(k_shared, (shape[0], 1) + tuple(shape[2:]))
+        return math.sqrt(rho) * shared + math.sqrt(1 - rho) * jax.random.normal(k_own, shape)
+
     def prior_sampling(self, key, shape):
-        return jax.random.normal(key, shape) * self.sigma_max
+        return self.noise(key, shape) * self.sigma_max
 
     def prior_logp(self, z):
-        return gaussian_logp(z, self.sigma_max)
+        rho = self.frame_correlation
+        if not rho:
+            return gaussian_logp(z, self.sigma_max)
+        # Per clip and pixel, frames ~ N(0, sigma_max^2 ((1 - rho) I + rho 1 1^T)).
+        t = z.shape[1]
+        s2 = self.sigma_max ** 2
+        top = 1 - rho + t * rho                              # eigenvalue along the frame mean
+        total = jnp.sum(z ** 2, axis=1)
+        along = jnp.sum(z, axis=1) ** 2 / t
+        quad = (total - along) / (s2 * (1 - rho)) + along / (s2 * top)
+        logdet = t * math.log(s2) + (t - 1) * math.log(1 - rho) + math.log(top)
+        per_pixel = -0.5 * (quad + logdet + t * math.log(2 * math.pi))
+        return jnp.sum(per_pixel.reshape(z.shape[0], -1), axis=-1)
 
     def inverse_scaled_sigma(self, sigma):
         return sigma

@@ -198,3 +198,88 @@ def test_bad_hyperparameters_raise():
         sde.VPSDE(N=0)
     with pytest.raises(ValueError, match='beta_max / N < 1'):
         sde.VPSDE(N=10)
+
+
+# Frame-correlated noise (EDM.frame_correlation): per clip and pixel the frames' noise is
+# N(0, C), C = (1 - rho) I + rho 1 1^T, with eigenvalue 1 - rho + T rho along the frame mean and
+# 1 - rho across it.
+
+def _corr(rho, t):
+    return (1 - rho) * np.eye(t) + rho * np.ones((t, t))
+
+
+def test_frame_correlated_noise_covariance():
+    rho, t = 0.6, 4
+    z = np.asarray(sde.EDM(frame_correlation=rho).noise(jax.random.key(0), (4000, t, 2, 2, 1)))
+    frames = np.moveaxis(z, 1, -1).reshape(-1, t)
+    np.testing.assert_allclose(np.cov(frames, rowvar=False), _corr(rho, t), atol=0.03)
+    np.testing.assert_allclose(np.corrcoef(z[:, 0, 0, 0, 0], z[:, 0, 1, 0, 0])[0, 1], 0, atol=0.05)
+    assert sde.EDM().noise(jax.random.key(0), (3, 4, 2, 2, 1)).shape == (3, 4, 2, 2, 1)
+    with pytest.raises(ValueError, match=r'clips \[B, T, H, W, C\]'):
+        sde.EDM(frame_correlation=rho).noise(jax.random.key(0), (3, 4))
+    with pytest.raises(ValueError, match='frame_correlation < 1'):
+        sde.EDM(frame_correlation=1.0)
+
+
+def test_frame_correlated_prior_logp():
+    rho, t, p = 0.3, 4, sde.EDM(frame_correlation=0.3)
+    z = np.asarray(p.prior_sampling(jax.random.key(1), (3, t, 2, 1, 1)))
+    cov = p.sigma_max ** 2 * _corr(rho, t)
+    want = [sum(stats.multivariate_normal(np.zeros(t), cov).logpdf(zi[:, h, w, 0])
+                for h in range(2) for w in range(1)) for zi in z]
+    np.testing.assert_allclose(np.asarray(p.prior_logp(jnp.asarray(z))), want, rtol=1e-5)
+
+
+def test_heun_with_frame_correlated_noise_follows_closed_form_flow():
+    """Data N(0, s^2 I): the exact denoiser is s^2 (s^2 I + sigma^2 C)^-1 x and the flow scales the
+    frame mean by s / sqrt(s^2 + sigma_max^2 lambda) per eigenvalue lambda of C (and so on for
+    the rest); Heun from the correlated prior must land there, and the data's variance."""
+    from fdistill import sampling
+    rho, t, s = 0.7, 4, 0.5
+    p = sde.EDM(frame_correlation=rho)
+    top, rest = 1 - rho + t * rho, 1 - rho
+
+    def split(x):
+        mean = jnp.mean(x, axis=1, keepdims=True)
+        return mean, x - mean
+
+    def denoise(x, sigma, labels=None):
+        mean, diff = split(x)
+        v = sde.bcast(sigma, x) ** 2
+        return s ** 2 * (mean / (s ** 2 + v * top) + diff / (s ** 2 + v * rest))
+
+    shape = (2000, t, 2, 2, 1)
+    key = jax.random.key(2)
+    x, _ = sampling.heun(denoise, p, key, shape, num_steps=256)
+    prior = p.prior_sampling(jax.random.split(key)[0], shape)
+    mean, diff = split(prior)
+    smax2 = p.sigma_max ** 2
+    want = s * (mean / np.sqrt(s ** 2 + smax2 * top) + diff / np.sqrt(s ** 2 + smax2 * rest))
+    np.testing.assert_allclose(np.asarray(x), np.asarray(want), atol=1e-3)
+    frames = np.moveaxis(np.asarray(x), 1, -1).reshape(-1, t)
+    np.testing.assert_allclose(np.cov(frames, rowvar=False), s ** 2 * np.eye(t), atol=0.01)
+
+
+def test_edm_loss_noises_with_frame_correlation():
+    from fdistill import losses
+    rho, t = 0.5, 4
+    seen = []
+
+    def model(x_t, sigma, labels=None, *, key=None):
+        seen.append((x_t, sigma))
+        return x_t
+
+    x0 = jnp.zeros((3000, t, 2, 2, 1))
+    losses.edm_losses(model, sde.EDM(frame_correlation=rho), jax.random.key(4), x0)
+    x_t, sigma = seen[0]
+    n = np.moveaxis(np.asarray(x_t / sde.bcast(sigma, x_t)), 1, -1).reshape(-1, t)
+    np.testing.assert_allclose(np.cov(n, rowvar=False), _corr(rho, t), atol=0.05)
+
+
+def test_distilling_refuses_frame_correlated_noise():
+    from configs.video_quick import get_config
+    from fdistill import validation
+    c = get_config()
+    c.process.frame_correlation = 0.5
+    assert any("process.frame_correlation" in line for line in validation.problems(c, "distill"))
+    assert not validation.problems(c, "train")
