@@ -423,6 +423,11 @@ def teacher_of(config) -> tuple[ml_collections.ConfigDict, nnx.Module, int]:
         recorded = workdir_lib.read_config(workdir)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"config.distill.teacher_workdir={workdir!r}: {e}") from e
+    rho = float(recorded.get("process", {}).get("frame_correlation", 0.0) or 0.0)
+    if rho:
+        raise ValueError(f"config.distill.teacher_workdir={workdir!r}: the teacher was trained "
+                         f"with process.frame_correlation={rho}; distillation draws noise "
+                         f"independent across frames, so it needs a teacher trained with 0.")
     resolved = resolve_config(config, recorded)
     resolved.training = ml_collections.ConfigDict(recorded.training.to_dict())
     resolved.optim = ml_collections.ConfigDict(recorded.optim.to_dict())
