@@ -13,14 +13,21 @@ from fdistill import sharding
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROCESS = """
-import os, sys
+import os, sys, time
 from fdistill import errors, sharding
-port, num, pid, timeout = sys.argv[1:]
+port, num, pid, timeout, flags = sys.argv[1:]
 errors.cli_errors(sharding.initialize_distributed, f"127.0.0.1:{port}", int(num), int(pid),
                   timeout_s=float(timeout))
 import jax
 print("RESULT", jax.process_count(), jax.process_index(), flush=True)
-os._exit(0)  # skip the coordination service's shutdown handshake
+# The coordinator (process 0) serves the others' backend start: every process stays until all
+# have printed (flag files), then exits without the coordination service's shutdown handshake.
+open(os.path.join(flags, f"done{pid}"), "w").close()
+deadline = time.monotonic() + 60
+while time.monotonic() < deadline and not all(
+        os.path.exists(os.path.join(flags, f"done{i}")) for i in range(int(num))):
+    time.sleep(0.05)
+os._exit(0)
 """
 
 
@@ -30,11 +37,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(port, num, pid, timeout):
+def start(port, num, pid, timeout, flags="."):
     env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
     return subprocess.Popen([sys.executable, "-c", PROCESS, str(port), str(num), str(pid),
-                             str(timeout)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                             str(timeout), str(flags)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def test_peer_that_never_starts_is_named_within_the_timeout():
@@ -49,9 +56,9 @@ def test_peer_that_never_starts_is_named_within_the_timeout():
     assert "process ids [1] never connected" in first and "Traceback" not in err
 
 
-def test_two_processes_meet_then_jax_distributed_starts():
+def test_two_processes_meet_then_jax_distributed_starts(tmp_path):
     port = free_port()
-    procs = [start(port, 2, i, 30) for i in range(2)]
+    procs = [start(port, 2, i, 30, tmp_path) for i in range(2)]
     outs = [p.communicate(timeout=120) for p in procs]
     for i, (p, (out, err)) in enumerate(zip(procs, outs)):
         assert p.returncode == 0, err[-2000:]
