@@ -7,7 +7,9 @@ the teacher's Heun-18 map, in <workdir>/student_init, scored as its own row "stu
 and scores every model with the project's in-domain metrics (fdistill.evaluation.classifier):
 the Frechet distance in the features of a small digits classifier trained by the project
 (fd_digits; NOT FID, not comparable with published numbers) and the classifier's accuracy on
-class-conditional samples (the same random labels for every model). A second draw of real digits
+class-conditional samples (the same random labels for every model), each the mean over --draws
+independent draws of --num_samples (one 2,000-sample draw of one generator varies by about
++-0.3, more than the models differ), with its standard deviation. A second draw of real digits
 gives the floor of each metric (above 1,797 samples both draws hold every digit, so it is then the
 dataset against itself). Prints a table, whether the one-step students meet the targets
 (fd_digits at or below the teacher's 17-NFE Heun; within 1.25x of its 35-NFE Heun), and writes
@@ -20,7 +22,8 @@ students as points, the real-digits floor as a dashed line; needs matplotlib, pi
 (e.g. docs/figures).
 
     PYTHONPATH=. python experiments/digits_fdistill.py --workdir=runs/digits_fdistill \
-        --teacher_steps=3000 --distill_steps=1000 --figures_dir=docs/figures
+        --teacher_steps=3000 --distill_steps=1000 \
+        --teacher_samplers=heun:18,heun:9,heun:5,heun:3 --figures_dir=docs/figures
     PYTHONPATH=. python experiments/digits_fdistill.py --teacher_steps=1000 --distill_steps=500 \
         --divergences=rkl,fkl                                             # a quick look
 
@@ -29,7 +32,7 @@ distill config (`--set distill.gan_weight=0.1`; the students then go to <diverge
 `--init_set` the initialisation's (ODE-regression keys, e.g. `distill.ode_init_steps=3000`; it is
 then kept in student_init_<init_tag>), and `--score_every N` scores each student every N
 iterations (rows "student/<name>@<step>", by resuming its run in N-iteration stages). Teacher
-rows are computed once per teacher checkpoint, sampler and sample count (<workdir>/teacher_rows.json
+rows are computed once per teacher checkpoint, sampler, sample count and draws (<workdir>/teacher_rows.json
 and the samples' npz) and reused.
 """
 from __future__ import annotations
