@@ -32,8 +32,8 @@ distill config (`--set distill.gan_weight=0.1`; the students then go to <diverge
 `--init_set` the initialisation's (ODE-regression keys, e.g. `distill.ode_init_steps=3000`; it is
 then kept in student_init_<init_tag>), and `--score_every N` scores each student every N
 iterations (rows "student/<name>@<step>", by resuming its run in N-iteration stages). Teacher
-rows are computed once per teacher checkpoint, sampler, sample count and draws (<workdir>/teacher_rows.json
-and the samples' npz) and reused.
+rows are computed once per teacher checkpoint, sampler, sample count and draws
+(<workdir>/teacher_rows.json and the samples' npz) and reused.
 """
 from __future__ import annotations
 
