@@ -42,14 +42,20 @@ def group_norm_elementwise(self, x):
     return x * scale.reshape(expand) + shift.reshape(expand)
 
 
-def group_norm_matmul_per_statistic(self, x):
-    """GroupNorm with one membership matmul per statistic (four per call instead of two)."""
+def _group_maps(self, x):
+    """(batch, channels, spatial axes, elements per group, channels -> groups, groups ->
+    channels): the membership matmuls of the matmul GroupNorm formulations."""
     b, c = x.shape[0], x.shape[-1]
-    axes = tuple(range(1, x.ndim - 1))
     n = math.prod(x.shape[1:-1]) * (c // self.groups)
     member = jnp.asarray(np.repeat(np.eye(self.groups, dtype=np.float32), c // self.groups, axis=0))
     to_groups = lambda v: jnp.dot(v, member, precision=jax.lax.Precision.HIGHEST)
     to_channels = lambda v: jnp.dot(v, member.T, precision=jax.lax.Precision.HIGHEST)
+    return b, c, tuple(range(1, x.ndim - 1)), n, to_groups, to_channels
+
+
+def group_norm_matmul_per_statistic(self, x):
+    """GroupNorm with one membership matmul per statistic (four per call instead of two)."""
+    b, c, axes, n, to_groups, to_channels = _group_maps(self, x)
     mean = to_groups(x.sum(axis=axes)) / n
     sq = to_groups(jnp.square(x).sum(axis=axes)) / n
     inv = jax.lax.rsqrt(jnp.maximum(sq - jnp.square(mean), 0.) + self.eps)
@@ -62,12 +68,7 @@ def group_norm_matmul_per_statistic(self, x):
 def group_norm_batch_concat(self, x):
     """GroupNorm with its two statistics concatenated along the batch axis ([2B, C]), as before the
     statistics were stacked after it."""
-    b, c = x.shape[0], x.shape[-1]
-    axes = tuple(range(1, x.ndim - 1))
-    n = math.prod(x.shape[1:-1]) * (c // self.groups)
-    member = jnp.asarray(np.repeat(np.eye(self.groups, dtype=np.float32), c // self.groups, axis=0))
-    to_groups = lambda v: jnp.dot(v, member, precision=jax.lax.Precision.HIGHEST)
-    to_channels = lambda v: jnp.dot(v, member.T, precision=jax.lax.Precision.HIGHEST)
+    b, c, axes, n, to_groups, to_channels = _group_maps(self, x)
     xf = x.astype(jnp.float32)
     sums = jnp.concatenate([xf.sum(axis=axes), jnp.square(xf).sum(axis=axes)])
     mean, sq = jnp.split(to_groups(sums) / n, 2)
