@@ -465,12 +465,11 @@ def build_distillation(config, teacher, mesh, *, student=None) -> distill_lib.Di
                 block_size=int(s.block_size)),)
         noise = video_distill.noise_of(dc, noise)
     else:
-        sigmas = student_lib.student_sigmas(process, dc.student_steps, dc.get("student_sigmas"))
-        generator = student_lib.FewStep(sigmas)
+        levels = image_student_levels(dc, process)
+        generator = student_lib.FewStep(levels[:-1])
         extra = ()
         if dc.get("regression_weight", 0.0) > 0:
-            extra = (ode_regression.RegressionTerm(float(dc.regression_weight),
-                                                   tuple(sigmas) + (0.0,)),)
+            extra = (ode_regression.RegressionTerm(float(dc.regression_weight), levels),)
     objective = objective_lib.FDivergenceObjective(
         divergence=divergences.get(dc.divergence, **dict(dc.get("divergence_params", {}) or {})),
         generator=generator, noise=noise, process=process, feature_source=dc.feature_source, guidance_scale=dc.guidance_scale,
@@ -497,29 +496,35 @@ def student_draw(config, distillation: distill_lib.Distillation, batch_size: int
     return draw
 
 
+def image_student_levels(dc, process) -> tuple[float, ...]:
+    """The image student's noise levels followed by 0 (the levels of its ODE pairs)."""
+    return tuple(student_lib.student_sigmas(process, dc.student_steps,
+                                            dc.get("student_sigmas"))) + (0.0,)
+
+
 def image_pairs(config, teacher, workdir: str) -> dict:
     """The teacher's ODE pairs of an image distillation (``distill.num_pairs``, drawn once and
     kept in ``<workdir>/ode_pairs.npz``)."""
     dc = config.distill
-    sigmas = student_lib.student_sigmas(teacher.process, dc.student_steps,
-                                        dc.get("student_sigmas")) + (0.0,)
     k = int(config.data.get("num_classes", 0))
     return ode_regression.load_or_draw_pairs(
         os.path.join(workdir, "ode_pairs.npz"),
         lambda: ode_regression.teacher_pairs(teacher, jax.random.key(config.seed + 11),
                                              int(dc.num_pairs), data.example_shape(config.data),
-                                             sigmas, substeps=int(dc.pair_substeps),
+                                             image_student_levels(dc, teacher.process),
+                                             substeps=int(dc.pair_substeps),
                                              batch_size=min(int(dc.num_pairs), 4096),
                                              num_classes=k), num=int(dc.num_pairs))
 
 
-def regression_init(config, teacher, workdir: str, mesh) -> nnx.Module:
+def regression_init(config, teacher, workdir: str, mesh, pairs: dict | None = None
+                    ) -> nnx.Module:
     """The image student after ``distill.ode_init_steps`` steps of regression onto the
-    teacher's PF-ODE (``fdistill.ode_regression``); pairs and result kept in ``workdir``."""
+    teacher's PF-ODE (``fdistill.ode_regression``) on ``pairs`` (``image_pairs`` when None);
+    pairs and result kept in ``workdir``."""
     dc = config.distill
-    sigmas = student_lib.student_sigmas(teacher.process, dc.student_steps,
-                                        dc.get("student_sigmas")) + (0.0,)
-    pairs = image_pairs(config, teacher, workdir)
+    sigmas = image_student_levels(dc, teacher.process)
+    pairs = image_pairs(config, teacher, workdir) if pairs is None else pairs
 
     def loss_fn(model, key, batch):
         return ode_regression.regression_loss(model, key, batch, sigmas)
@@ -534,9 +539,7 @@ def regression_init_sampler(config, init_dir: str, batch_size: int):
     resolved, teacher, _ = teacher_of(config)
     init = regression_init(resolved, teacher, init_dir, sharding.make_mesh())
     graphdef, params, others = train.split(init)
-    dc = resolved.distill
-    sigmas = student_lib.student_sigmas(teacher.process, dc.student_steps,
-                                        dc.get("student_sigmas"))
+    sigmas = image_student_levels(resolved.distill, teacher.process)[:-1]
     shape = (batch_size,) + data.example_shape(resolved.data)
 
     @jax.jit
@@ -570,12 +573,12 @@ def distill(config, workdir: str) -> dict:
             sharding.check_batch_size(dc.fkl_batch_size, mesh)
             extra_batches = video_distill.fkl_batches(pairs, dc.fkl_batch_size, seed=config.seed)
             extra_key = "fkl"
-    else:
+    elif dc.get("ode_init_steps", 0) > 0 or dc.get("regression_weight", 0.0) > 0:
+        pairs = image_pairs(config, teacher, init_dir)
         if dc.get("ode_init_steps", 0) > 0:
-            student = regression_init(config, teacher, init_dir, mesh)
+            student = regression_init(config, teacher, init_dir, mesh, pairs)
         if dc.get("regression_weight", 0.0) > 0:
-            extra_batches = ode_regression.PairBatches(image_pairs(config, teacher, init_dir),
-                                                       dc.batch_size, seed=config.seed + 1)
+            extra_batches = ode_regression.PairBatches(pairs, dc.batch_size, seed=config.seed + 1)
             extra_key = "regression"
     distillation = build_distillation(config, teacher, mesh, student=student)
     ds = dataset(config, dc.batch_size)
