@@ -72,6 +72,7 @@ def get_default_config() -> ml_collections.ConfigDict:
     o.eps = 1e-8
     o.weight_decay = 0.0
     o.grad_clip = 1.0
+    o.decay_steps = 0         # > 0: cosine decay of lr to 0 over that many steps after warm-up
 
     c.sampling = s = ml_collections.ConfigDict()
     s.sampler = "heun"        # heun | euler_maruyama | pc
