@@ -321,23 +321,51 @@ def guard_programs(shapes: dict, sizes) -> list[Program]:
     return out
 
 
-def reference_programs(fastgen: str, python: str, phases, batch: int) -> list[Program] | str:
+# fdistill's divergence names (canonical, fdistill.divergences) -> FastGen's f_div names.
+FASTGEN_F_DIV = {"forward_kl": "kl", "reverse_kl": "rkl", "jensen_shannon": "js",
+                 "softened_reverse_kl": "sf", "neyman_chi2": "neyman", "squared_hellinger": "sh",
+                 "jeffreys": "jf"}
+REFERENCE_DISTILL = {"student": "student iteration ({div})", "critic": "critic iteration"}
+
+
+def reference_programs(fastgen: str, python: str, phases, batch: int,
+                       distill_divergence: str | None = None) -> list[Program] | str:
     """FastGen's (PyTorch) network phases, run by experiments/fastgen_reference.py under `python`
     (a Python with torch and FastGen's requirements) and timed there on each request, so they
-    share the rounds with ours; or the reason they cannot run."""
-    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fastgen_reference.py")
+    share the rounds with ours; or the reason they cannot run. With `distill_divergence` (one of
+    fdistill's divergence names) also FastGen's f-distill student and critic iterations with that
+    divergence, named as ours ('student iteration (<name>)', 'critic iteration')."""
+    from fdistill import divergences
+    if not os.path.isdir(os.path.join(fastgen, "fastgen")):
+        return (f"reference not run: --reference={fastgen} is not a FastGen checkout (no fastgen/ "
+                f"package in it); make one from the mirror with `git --git-dir=MIRROR archive HEAD "
+                f"| tar -x -C DIR` and pass --reference=DIR")
+    args = [python, os.path.join(os.path.dirname(os.path.abspath(__file__)), "fastgen_reference.py"),
+            f"--fastgen={fastgen}", f"--batch={batch}"]
+    names = {phase: phase for phase in phases}
+    if distill_divergence is not None:
+        canonical = divergences.ALIASES.get(distill_divergence, distill_divergence)
+        if canonical not in FASTGEN_F_DIV:
+            return (f"reference not run: FastGen's f-distill has no divergence {distill_divergence!r}"
+                    f" (it has {', '.join(FASTGEN_F_DIV)}); put one of them first in --divergences")
+        args += ["--distill", f"--f_div={FASTGEN_F_DIV[canonical]}"]
+        names.update({k: v.format(div=distill_divergence) for k, v in REFERENCE_DISTILL.items()})
     try:
-        proc = subprocess.Popen([python, script, f"--fastgen={fastgen}", f"--batch={batch}"],
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     except OSError as e:
-        return f"reference not started ({e})"
+        return f"reference not started ({e}; --reference_python={python})"
     ready = proc.stdout.readline()
     if not ready.startswith("READY "):
         proc.kill()
-        return f"reference not importable (see its error above; --reference_python={python})"
+        proc.wait()
+        return (f"reference not importable (exit status {proc.returncode}; see its error above; "
+                f"--reference_python={python} needs torch and FastGen's requirements)")
     info = json.loads(ready[len("READY "):])
     print(f"reference: FastGen SongUNet, {info['params']:,} parameters, torch {info['torch']}, "
           f"{info['threads']} threads", flush=True)
+    if "distill_params" in info:
+        print(f"reference: FastGen FdistillModel, student {info['distill_params']['net']:,} and "
+              f"discriminator {info['distill_params']['discriminator']:,} parameters", flush=True)
 
     def ask(phase):
         proc.stdin.write(phase + "\n")
@@ -345,8 +373,25 @@ def reference_programs(fastgen: str, python: str, phases, batch: int) -> list[Pr
         answer = json.loads(proc.stdout.readline())
         return answer["wall"], answer["cpu"]
 
-    return [Program(phase, "fastgen", 0.0, 0.0, 0, lambda: None, timer=lambda p=phase: ask(p))
-            for phase in phases]
+    return [Program(name, "fastgen", 0.0, 0.0, 0, lambda: None, timer=lambda p=phase: ask(p))
+            for phase, name in names.items()]
+
+
+def cycle_ratios(ours: dict, theirs: dict, student: str) -> dict | None:
+    """Ours / the reference's median wall and CPU time for the student iteration, the critic
+    iteration and the 1 + 4 cycle mean ((student + 4 critic) / 5), from {name: Program} of each;
+    None when either lacks one of the two iterations."""
+    names = {"student": student, "critic": "critic iteration"}
+    if not all(n in ours and n in theirs for n in names.values()):
+        return None
+    out = {}
+    for key in ("ms", "cpu_ms"):
+        get = lambda progs, k: getattr(progs[names[k]], key)
+        cyc = lambda progs: (get(progs, "student") + 4 * get(progs, "critic")) / 5
+        out[key] = {"student": get(ours, "student") / get(theirs, "student"),
+                    "critic": get(ours, "critic") / get(theirs, "critic"),
+                    "cycle": cyc(ours) / cyc(theirs), "cycle_ms": (cyc(ours), cyc(theirs))}
+    return out
 
 
 def print_table(title: str, programs: list[Program], variants: list[str], ref_name: str | None):
@@ -433,8 +478,10 @@ def main():
                                                 compile_steps=False)
             guard = guard_programs(info["state_shapes"], [int(n) for n in args.guard.split(",")])
         print(f"compiled variant {v}", flush=True)
-    ref = (reference_programs(args.reference, args.reference_python, phases, args.batch)
-           if args.reference and phases else None)
+    first_div = args.divergences.split(",")[0].strip()
+    ref = (reference_programs(args.reference, args.reference_python, phases, args.batch,
+                              first_div if args.distill else None)
+           if args.reference and (phases or args.distill) else None)
     if isinstance(ref, str):
         print(ref)
         ref = None
@@ -446,11 +493,13 @@ def main():
     setting = "smoke, NOT the" if args.smoke else "the"
     print(f"\nDDPM++ ({setting} benchmark setting), {n_params:,} parameters, batch {args.batch}, "
           f"float32, median of {args.rounds} interleaved rounds")
+    ref_net = [p for p in ref or [] if p.name in PHASES]
+    ref_dist = [p for p in ref or [] if p.name not in PHASES]
     if net:
-        print_table("network phases", net + (ref or []), variants + (["fastgen"] if ref else []),
+        print_table("network phases", net + ref_net, variants + (["fastgen"] if ref_net else []),
                     None)
-    if ref:
-        theirs = {p.name: p for p in ref}
+    if ref_net:
+        theirs = {p.name: p for p in ref_net}
         for v in variants:
             ours = {p.name: p for p in net if p.variant == v}
             print(f"{v} / FastGen (wall, cpu): " + ", ".join(
@@ -458,10 +507,11 @@ def main():
                 f"{ours[k].cpu_ms / theirs[k].cpu_ms:.2f}" for k in phases if k in ours and k in theirs))
     if dist:
         dsm = {p.variant: p for p in net if p.name == "dsm"}
-        print_table("distillation iterations", dist, variants, None)
+        print_table("distillation iterations", dist + ref_dist,
+                    variants + (["fastgen"] if ref_dist else []), None)
+        theirs = {p.name: p for p in ref_dist}
         for v in variants:
             by = {p.name: p for p in dist if p.variant == v}
-            first_div = args.divergences.split(",")[0].strip()
             critic, student = by.get("critic iteration"), by.get(f"student iteration ({first_div})")
             if critic and student:
                 cycle = (student.ms + 4 * critic.ms) / 5
@@ -470,6 +520,13 @@ def main():
                     line += (f"; per DSM step: student {student.ms / dsm[v].ms:.2f}, critic "
                              f"{critic.ms / dsm[v].ms:.2f}, cycle {cycle / dsm[v].ms:.2f}")
                 print(line)
+            r = cycle_ratios(by, theirs, f"student iteration ({first_div})")
+            if r:
+                w, c = r["ms"], r["cpu_ms"]
+                print(f"{v} / FastGen f-distill (wall, cpu): student iteration {w['student']:.2f}, "
+                      f"{c['student']:.2f}; critic iteration {w['critic']:.2f}, {c['critic']:.2f}; "
+                      f"1 + 4 cycle {w['cycle']:.2f}, {c['cycle']:.2f} ({w['cycle_ms'][0]:.1f} / "
+                      f"{w['cycle_ms'][1]:.1f} ms)")
             one, heun = by.get("one-step student sampler"), by.get("teacher Heun sampler")
             if one and heun:
                 print(f"{v}: sampling batch {args.batch}: one-step {one.ms:.1f} ms "
