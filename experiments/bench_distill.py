@@ -249,9 +249,10 @@ def distillation_programs(config, variant: str, divergences, batch: int, samplin
                                         dist.teacher_params, gbatch, dist.key),
                                        state_argnum=0))
         if sampling and div == divergences[0]:
-            draw = modes.student_draw(distill_config(div), dist, batch)
+            devices = list(mesh.devices.flat)     # the variant's devices split the batch
+            draw = modes.student_draw(distill_config(div), dist, batch, devices=devices)
             out.append(compile_program("one-step student sampler", variant, draw,
-                                       (dist.teacher_params, key, jnp.asarray(labels))))
+                                       draw.place(dist.teacher_params, key, jnp.asarray(labels))))
             graphdef, params, others = nnx.split(teacher, nnx.Param, ...)
             heun = sampling_lib.get_sampler("heun", num_steps=18)
 
@@ -261,7 +262,9 @@ def distillation_programs(config, variant: str, divergences, batch: int, samplin
                 info["heun_nfe"] = nfe
                 return x
 
-            out.append(compile_program("teacher Heun sampler", variant, heun_draw, (params, key)))
+            heun_split = sharding.SplitBatch(heun_draw, batch, devices=devices)
+            out.append(compile_program("teacher Heun sampler", variant, heun_split,
+                                       heun_split.place(params, key)))
     return out, info
 
 
