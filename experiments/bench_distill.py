@@ -19,7 +19,13 @@ batch size:
     (one finiteness reduction per state entry) and the earlier one (one per leaf): compile
     seconds and ms per call, side by side;
   * the process's peak resident memory; and, when --reference names a FastGen checkout and torch
-    imports, the PyTorch reference's network phases measured in the same rounds.
+    imports, the PyTorch reference's network phases measured in the same rounds, and with
+    --distill FastGen's own f-distill student and critic iterations (its FdistillModel on CPU,
+    experiments/fastgen_reference.py says which parts are FastGen's and which are glue) with the
+    first --divergences entry, in the same rounds: ours / FastGen wall and CPU ratios for the
+    student iteration, the critic iteration and the 1 + 4 cycle mean, per variant. FastGen's
+    method module imports boto3: `TORCH_PYTHON -m pip install boto3` if it is missing (the
+    message says so).
 
 Every program is compiled first; then `--rounds` rounds each call every program once, so all
 variants see the same machine load (this CPU is shared): compare the ratios, not absolute times
@@ -332,12 +338,14 @@ REFERENCE_DISTILL = {"student": "student iteration ({div})", "critic": "critic i
 
 
 def reference_programs(fastgen: str, python: str, phases, batch: int,
-                       distill_divergence: str | None = None) -> list[Program] | str:
+                       distill_divergence: str | None = None,
+                       threads: int = 0) -> list[Program] | str:
     """FastGen's (PyTorch) network phases, run by experiments/fastgen_reference.py under `python`
     (a Python with torch and FastGen's requirements) and timed there on each request, so they
     share the rounds with ours; or the reason they cannot run. With `distill_divergence` (one of
     fdistill's divergence names) also FastGen's f-distill student and critic iterations with that
-    divergence, named as ours ('student iteration (<name>)', 'critic iteration')."""
+    divergence, named as ours ('student iteration (<name>)', 'critic iteration'). ``threads``:
+    torch's intra-op threads (0: the reference script's default, every CPU)."""
     from fdistill import divergences
     if not os.path.isdir(os.path.join(fastgen, "fastgen")):
         return (f"reference not run: --reference={fastgen} is not a FastGen checkout (no fastgen/ "
@@ -345,6 +353,7 @@ def reference_programs(fastgen: str, python: str, phases, batch: int,
                 f"| tar -x -C DIR` and pass --reference=DIR")
     args = [python, os.path.join(os.path.dirname(os.path.abspath(__file__)), "fastgen_reference.py"),
             f"--fastgen={fastgen}", f"--batch={batch}"]
+    args += [f"--threads={threads}"] if threads else []
     names = {phase: phase for phase in phases}
     if distill_divergence is not None:
         canonical = divergences.ALIASES.get(distill_divergence, distill_divergence)
@@ -438,6 +447,9 @@ def main():
                    help="a FastGen checkout: time its network's phases in the same rounds")
     p.add_argument("--reference_python", default=sys.executable,
                    help="the Python (with torch and FastGen's requirements) that runs it")
+    p.add_argument("--reference_threads", type=int, default=0,
+                   help="torch threads of the reference (default: every CPU); on a CPU shared "
+                        "with other jobs, 1 keeps its threads from waiting on each other")
     p.add_argument("--host_devices", type=int, default=0,
                    help="CPU devices of this process (jax_num_cpu_devices); variants with "
                         "devices > 1 split the batch over that many")
@@ -483,7 +495,7 @@ def main():
         print(f"compiled variant {v}", flush=True)
     first_div = args.divergences.split(",")[0].strip()
     ref = (reference_programs(args.reference, args.reference_python, phases, args.batch,
-                              first_div if args.distill else None)
+                              first_div if args.distill else None, args.reference_threads)
            if args.reference and (phases or args.distill) else None)
     if isinstance(ref, str):
         print(ref)

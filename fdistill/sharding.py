@@ -277,19 +277,30 @@ class SplitBatch:
                      else None)
         self._jit = (jax.jit(fn) if self.mesh is None
                      else jax.jit(fn, out_shardings=batch_sharding(self.mesh)))
+        self._replicated: dict[int, tuple] = {}
 
     @property
     def num_devices(self) -> int:
         return 1 if self.mesh is None else self.mesh.devices.size
 
     def place(self, *args) -> tuple:
-        """The arguments on the mesh: batch arguments split, the others replicated (a no-op for
-        arrays already placed so)."""
+        """The arguments on the mesh: batch arguments split, the others replicated. The last
+        replicated copy of each argument is kept while its arrays are the same objects, so the
+        same parameters passed batch after batch are copied to the devices once."""
         if self.mesh is None:
             return args if self._device is None else jax.device_put(args, self._device)
         rep, bat = replicated(self.mesh), batch_sharding(self.mesh)
-        return tuple(jax.device_put(a, bat if i in self.batch_argnums else rep)
-                     for i, a in enumerate(args))
+        out = []
+        for i, a in enumerate(args):
+            if i in self.batch_argnums:
+                out.append(jax.device_put(a, bat))
+                continue
+            leaves, kept = jax.tree.leaves(a), self._replicated.get(i)
+            if kept is None or len(kept[0]) != len(leaves) or any(
+                    x is not y for x, y in zip(kept[0], leaves)):   # same (immutable) arrays
+                kept = self._replicated[i] = (leaves, jax.device_put(a, rep))
+            out.append(kept[1])
+        return tuple(out)
 
     def __call__(self, *args):
         return self._jit(*self.place(*args))

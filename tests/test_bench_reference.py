@@ -65,11 +65,13 @@ def test_distillation_phases_are_requested_and_named_as_ours(tmp_path):
     python = tmp_path / "python"   # runs the stand-in whatever script it is given
     python.write_text(f"#!/bin/sh\nexec {sys.executable} {script} \"$@\"\n")
     python.chmod(python.stat().st_mode | stat.S_IXUSR)
-    progs = bench.reference_programs(fake_checkout(tmp_path), str(python), ["dsm"], 16, "js")
+    progs = bench.reference_programs(fake_checkout(tmp_path), str(python), ["dsm"], 16, "js",
+                                     threads=1)
     assert not isinstance(progs, str), progs
     argv = json.loads(log.read_text())
     assert argv[0].endswith("fastgen_reference.py")
     assert "--distill" in argv and "--f_div=js" in argv and "--batch=16" in argv
+    assert "--threads=1" in argv
     by = {p.name: p for p in progs}
     assert set(by) == {"dsm", "student iteration (js)", "critic iteration"}
     assert all(p.variant == "fastgen" for p in progs)
