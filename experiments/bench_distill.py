@@ -351,15 +351,15 @@ def reference_programs(fastgen: str, python: str, phases, batch: int,
         return (f"reference not run: --reference={fastgen} is not a FastGen checkout (no fastgen/ "
                 f"package in it); make one from the mirror with `git --git-dir=MIRROR archive HEAD "
                 f"| tar -x -C DIR` and pass --reference=DIR")
-    args = [python, os.path.join(os.path.dirname(os.path.abspath(__file__)), "fastgen_reference.py"),
-            f"--fastgen={fastgen}", f"--batch={batch}"]
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fastgen_reference.py")
+    args = [python, script, f"--fastgen={fastgen}", f"--batch={batch}"]
     args += [f"--threads={threads}"] if threads else []
     names = {phase: phase for phase in phases}
     if distill_divergence is not None:
         canonical = divergences.ALIASES.get(distill_divergence, distill_divergence)
         if canonical not in FASTGEN_F_DIV:
-            return (f"reference not run: FastGen's f-distill has no divergence {distill_divergence!r}"
-                    f" (it has {', '.join(FASTGEN_F_DIV)}); put one of them first in --divergences")
+            return (f"reference not run: FastGen's f-distill has no divergence "
+                    f"{distill_divergence!r} (it has {', '.join(FASTGEN_F_DIV)}); put one of them first in --divergences")
         args += ["--distill", f"--f_div={FASTGEN_F_DIV[canonical]}"]
         names.update({k: v.format(div=distill_divergence) for k, v in REFERENCE_DISTILL.items()})
     try:

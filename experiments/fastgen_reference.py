@@ -21,7 +21,8 @@ AdamW optimisers and LambdaLR schedulers (`optimizers_schedulers_step`, `optimiz
 Glue here, because FastGen's config tree (`fastgen.configs.config`) and trainer import wandb,
 torchvision, timm and hydra, which its CPU environment here lacks:
   * the config: a plain namespace with the values of FastGen's CIFAR-10 f-distill recipe
-    (configs/methods/config_dmd2.py, config_f_distill.py, experiments/EDM/config_f_distill_cifar10.py:
+    (configs/methods/config_dmd2.py, config_f_distill.py,
+    experiments/EDM/config_f_distill_cifar10.py:
     forward-KL 'kl', ratio clip [0.1, 20], ratio normalisation over 10 bins with EMA rate 0, 1
     student update per 5 iterations, GAN weight 1e-3, no R1, AdamW lr 1e-4 wd 1e-2, no warm-up,
     polynomial t sampling on [0.002, 80]) and the network and discriminator at the BENCHMARKS
@@ -39,6 +40,7 @@ torchvision, timm and hydra, which its CPU environment here lacks:
 """
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -150,9 +152,10 @@ def build_distill(batch: int, f_div: str = 'kl'):
         from fastgen.utils import LazyCall
         from fastgen.utils.lr_scheduler import LambdaLinearScheduler
     except ModuleNotFoundError as e:
-        raise SystemExit(f"FastGen's f-distill method code does not import: {e}. Install the missing "
-                         f"package into this Python (e.g. `{sys.executable} -m pip install {e.name}`"
-                         f"; FastGen's model module imports boto3 at load time).") from e
+        raise SystemExit(f"FastGen's f-distill method code does not import: {e}. Install the "
+                         f"missing package into this Python (e.g. `{sys.executable} -m pip "
+                         f"install {e.name}`; FastGen's model module imports boto3 at load "
+                         f"time).") from e
     from fastgen.utils.logging_utils import set_log_level
     set_log_level('WARNING')   # its INFO / DEBUG lines at every construction step
     config = distill_config(dict(LazyCall=LazyCall, get_optimizer=get_optimizer,
@@ -197,7 +200,11 @@ def build_distill(batch: int, f_div: str = 'kl'):
                 for key, b in model.net.named_buffers():
                     if key in ema:
                         ema[key].copy_(b)
-        return loss_map['total_loss'].detach().item(), nonfinite
+        loss = loss_map['total_loss'].detach().item()
+        if not math.isfinite(loss) or nonfinite:
+            raise RuntimeError(f"FastGen's iteration {iteration}: loss {loss}, {nonfinite} "
+                               f"non-finite student gradients")
+        return loss
 
     def student():
         counter['student'] += 5
@@ -223,7 +230,8 @@ def main():
     p.add_argument('--distill', action='store_true',
                    help="also FastGen's f-distill student and critic iterations")
     p.add_argument('--f_div', default='kl',
-                   help="with --distill: FastGen's f-divergence name (kl: forward-KL, rkl, js, sf, ...)")
+                   help="with --distill: FastGen's f-divergence name (kl: forward-KL, rkl, js, "
+                        "sf, ...)")
     args = p.parse_args()
     phases, n_params, version = build(args.fastgen, args.batch, args.threads)
     info = {'params': n_params, 'torch': version, 'threads': args.threads}
