@@ -34,6 +34,8 @@ across runs. The load average is printed before and after.
     PYTHONPATH=. python experiments/bench_distill.py                       # current code
     PYTHONPATH=. python experiments/bench_distill.py --variants current,pre_change
     PYTHONPATH=. python experiments/bench_distill.py --distill --sampling --rounds 5
+    PYTHONPATH=. python experiments/bench_distill.py --phases= --sampling \
+        --variants current,data_parallel_2
     PYTHONPATH=. python experiments/bench_distill.py --smoke --variants current,pre_change
     PYTHONPATH=. python experiments/bench_distill.py --phases= --guard 100,200,400
     PYTHONPATH=. python experiments/bench_distill.py --distill --variants current,data_parallel_2 \
@@ -214,7 +216,8 @@ def distillation_programs(config, variant: str, divergences, batch: int, samplin
                           compile_steps: bool = True) -> tuple[list[Program], dict]:
     """The f-distill student and critic iterations (and samplers) through the library's
     distillation API. This is the one place that API is used: re-point it here when it changes.
-    With ``compile_steps=False`` only the state is built (``info['state_shapes']``)."""
+    With ``compile_steps=False`` the steps are not compiled: only the state is built
+    (``info['state_shapes']``), and the samplers with ``sampling``."""
     from configs.distill_base import add_distill, optim
     from fdistill import modes, sampling as sampling_lib, sharding
 
@@ -244,9 +247,10 @@ def distillation_programs(config, variant: str, divergences, batch: int, samplin
         info["disc_params"] = sum(v.size for v in jax.tree.leaves(dist.initial_state["disc"]))
         info["state_shapes"] = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype),
                                             dist.initial_state)
-        if not compile_steps:
+        if not compile_steps and not sampling:
             return out, info
         kinds = ("student", "critic") if div == divergences[0] else ("student",)
+        kinds = kinds if compile_steps else ()
         for kind in kinds:
             step = getattr(dist, f"{kind}_step")
             name = f"{kind} iteration" + (f" ({div})" if kind == "student" else "")
@@ -442,7 +446,8 @@ def main():
     p.add_argument("--divergences", default="fkl",
                    help="student iterations to time with --distill (the first also times the critic)")
     p.add_argument("--sampling", action="store_true",
-                   help="with --distill: one-step student vs 35-NFE Heun sampling")
+                   help="one-step student vs 35-NFE Heun sampling (without --distill: only "
+                        "the samplers are compiled)")
     p.add_argument("--reference", default="",
                    help="a FastGen checkout: time its network's phases in the same rounds")
     p.add_argument("--reference_python", default=sys.executable,
@@ -482,10 +487,10 @@ def main():
     net, dist, guard, info = [], [], [], {}
     for v in variants:
         net += network_programs(config, v, phases, args.batch)
-        if args.distill:
+        if args.distill or args.sampling:
             progs, info = distillation_programs(
                 config, v, [d.strip() for d in args.divergences.split(",")], args.batch,
-                args.sampling)
+                args.sampling, compile_steps=args.distill)
             dist += progs
         if args.guard and v == variants[0]:
             if not args.distill:
@@ -522,7 +527,7 @@ def main():
                 f"{ours[k].cpu_ms / theirs[k].cpu_ms:.2f}" for k in phases if k in ours and k in theirs))
     if dist:
         dsm = {p.variant: p for p in net if p.name == "dsm"}
-        print_table("distillation iterations", dist + ref_dist,
+        print_table("distillation iterations" if args.distill else "samplers", dist + ref_dist,
                     variants + (["fastgen"] if ref_dist else []), None)
         theirs = {p.name: p for p in ref_dist}
         for v in variants:
