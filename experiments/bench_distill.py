@@ -19,7 +19,13 @@ batch size:
     (one finiteness reduction per state entry) and the earlier one (one per leaf): compile
     seconds and ms per call, side by side;
   * the process's peak resident memory; and, when --reference names a FastGen checkout and torch
-    imports, the PyTorch reference's network phases measured in the same rounds.
+    imports, the PyTorch reference's network phases measured in the same rounds, and with
+    --distill FastGen's own f-distill student and critic iterations (its FdistillModel on CPU,
+    experiments/fastgen_reference.py says which parts are FastGen's and which are glue) with the
+    first --divergences entry, in the same rounds: ours / FastGen wall and CPU ratios for the
+    student iteration, the critic iteration and the 1 + 4 cycle mean, per variant. FastGen's
+    method module imports boto3: `TORCH_PYTHON -m pip install boto3` if it is missing (the
+    message says so).
 
 Every program is compiled first; then `--rounds` rounds each call every program once, so all
 variants see the same machine load (this CPU is shared): compare the ratios, not absolute times
@@ -28,6 +34,8 @@ across runs. The load average is printed before and after.
     PYTHONPATH=. python experiments/bench_distill.py                       # current code
     PYTHONPATH=. python experiments/bench_distill.py --variants current,pre_change
     PYTHONPATH=. python experiments/bench_distill.py --distill --sampling --rounds 5
+    PYTHONPATH=. python experiments/bench_distill.py --phases= --sampling \
+        --variants current,data_parallel_2
     PYTHONPATH=. python experiments/bench_distill.py --smoke --variants current,pre_change
     PYTHONPATH=. python experiments/bench_distill.py --phases= --guard 100,200,400
     PYTHONPATH=. python experiments/bench_distill.py --distill --variants current,data_parallel_2 \
@@ -208,7 +216,8 @@ def distillation_programs(config, variant: str, divergences, batch: int, samplin
                           compile_steps: bool = True) -> tuple[list[Program], dict]:
     """The f-distill student and critic iterations (and samplers) through the library's
     distillation API. This is the one place that API is used: re-point it here when it changes.
-    With ``compile_steps=False`` only the state is built (``info['state_shapes']``)."""
+    With ``compile_steps=False`` the steps are not compiled: only the state is built
+    (``info['state_shapes']``), and the samplers with ``sampling``."""
     from configs.distill_base import add_distill, optim
     from fdistill import modes, sampling as sampling_lib, sharding
 
@@ -238,9 +247,10 @@ def distillation_programs(config, variant: str, divergences, batch: int, samplin
         info["disc_params"] = sum(v.size for v in jax.tree.leaves(dist.initial_state["disc"]))
         info["state_shapes"] = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype),
                                             dist.initial_state)
-        if not compile_steps:
+        if not compile_steps and not sampling:
             return out, info
         kinds = ("student", "critic") if div == divergences[0] else ("student",)
+        kinds = kinds if compile_steps else ()
         for kind in kinds:
             step = getattr(dist, f"{kind}_step")
             name = f"{kind} iteration" + (f" ({div})" if kind == "student" else "")
@@ -249,9 +259,10 @@ def distillation_programs(config, variant: str, divergences, batch: int, samplin
                                         dist.teacher_params, gbatch, dist.key),
                                        state_argnum=0))
         if sampling and div == divergences[0]:
-            draw = modes.student_draw(distill_config(div), dist, batch)
+            devices = list(mesh.devices.flat)     # the variant's devices split the batch
+            draw = modes.student_draw(distill_config(div), dist, batch, devices=devices)
             out.append(compile_program("one-step student sampler", variant, draw,
-                                       (dist.teacher_params, key, jnp.asarray(labels))))
+                                       draw.place(dist.teacher_params, key, jnp.asarray(labels))))
             graphdef, params, others = nnx.split(teacher, nnx.Param, ...)
             heun = sampling_lib.get_sampler("heun", num_steps=18)
 
@@ -261,7 +272,9 @@ def distillation_programs(config, variant: str, divergences, batch: int, samplin
                 info["heun_nfe"] = nfe
                 return x
 
-            out.append(compile_program("teacher Heun sampler", variant, heun_draw, (params, key)))
+            heun_split = sharding.SplitBatch(heun_draw, batch, devices=devices)
+            out.append(compile_program("teacher Heun sampler", variant, heun_split,
+                                       heun_split.place(params, key)))
     return out, info
 
 
@@ -321,23 +334,54 @@ def guard_programs(shapes: dict, sizes) -> list[Program]:
     return out
 
 
-def reference_programs(fastgen: str, python: str, phases, batch: int) -> list[Program] | str:
+# fdistill's divergence names (canonical, fdistill.divergences) -> FastGen's f_div names.
+FASTGEN_F_DIV = {"forward_kl": "kl", "reverse_kl": "rkl", "jensen_shannon": "js",
+                 "softened_reverse_kl": "sf", "neyman_chi2": "neyman", "squared_hellinger": "sh",
+                 "jeffreys": "jf"}
+REFERENCE_DISTILL = {"student": "student iteration ({div})", "critic": "critic iteration"}
+
+
+def reference_programs(fastgen: str, python: str, phases, batch: int,
+                       distill_divergence: str | None = None,
+                       threads: int = 0) -> list[Program] | str:
     """FastGen's (PyTorch) network phases, run by experiments/fastgen_reference.py under `python`
     (a Python with torch and FastGen's requirements) and timed there on each request, so they
-    share the rounds with ours; or the reason they cannot run."""
+    share the rounds with ours; or the reason they cannot run. With `distill_divergence` (one of
+    fdistill's divergence names) also FastGen's f-distill student and critic iterations with that
+    divergence, named as ours ('student iteration (<name>)', 'critic iteration'). ``threads``:
+    torch's intra-op threads (0: the reference script's default, every CPU)."""
+    from fdistill import divergences
+    if not os.path.isdir(os.path.join(fastgen, "fastgen")):
+        return (f"reference not run: --reference={fastgen} is not a FastGen checkout (no fastgen/ "
+                f"package in it); make one from the mirror with `git --git-dir=MIRROR archive HEAD "
+                f"| tar -x -C DIR` and pass --reference=DIR")
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fastgen_reference.py")
+    args = [python, script, f"--fastgen={fastgen}", f"--batch={batch}"]
+    args += [f"--threads={threads}"] if threads else []
+    names = {phase: phase for phase in phases}
+    if distill_divergence is not None:
+        canonical = divergences.ALIASES.get(distill_divergence, distill_divergence)
+        if canonical not in FASTGEN_F_DIV:
+            return (f"reference not run: FastGen's f-distill has no divergence "
+                    f"{distill_divergence!r} (it has {', '.join(FASTGEN_F_DIV)}); put one of them first in --divergences")
+        args += ["--distill", f"--f_div={FASTGEN_F_DIV[canonical]}"]
+        names.update({k: v.format(div=distill_divergence) for k, v in REFERENCE_DISTILL.items()})
     try:
-        proc = subprocess.Popen([python, script, f"--fastgen={fastgen}", f"--batch={batch}"],
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     except OSError as e:
-        return f"reference not started ({e})"
+        return f"reference not started ({e}; --reference_python={python})"
     ready = proc.stdout.readline()
     if not ready.startswith("READY "):
         proc.kill()
-        return f"reference not importable (see its error above; --reference_python={python})"
+        proc.wait()
+        return (f"reference not importable (exit status {proc.returncode}; see its error above; "
+                f"--reference_python={python} needs torch and FastGen's requirements)")
     info = json.loads(ready[len("READY "):])
     print(f"reference: FastGen SongUNet, {info['params']:,} parameters, torch {info['torch']}, "
           f"{info['threads']} threads", flush=True)
+    if "distill_params" in info:
+        print(f"reference: FastGen FdistillModel, student {info['distill_params']['net']:,} and "
+              f"discriminator {info['distill_params']['discriminator']:,} parameters", flush=True)
 
     def ask(phase):
         proc.stdin.write(phase + "\n")
@@ -345,8 +389,25 @@ def reference_programs(fastgen: str, python: str, phases, batch: int) -> list[Pr
         answer = json.loads(proc.stdout.readline())
         return answer["wall"], answer["cpu"]
 
-    return [Program(phase, "fastgen", 0.0, 0.0, 0, lambda: None, timer=lambda p=phase: ask(p))
-            for phase in phases]
+    return [Program(name, "fastgen", 0.0, 0.0, 0, lambda: None, timer=lambda p=phase: ask(p))
+            for phase, name in names.items()]
+
+
+def cycle_ratios(ours: dict, theirs: dict, student: str) -> dict | None:
+    """Ours / the reference's median wall and CPU time for the student iteration, the critic
+    iteration and the 1 + 4 cycle mean ((student + 4 critic) / 5), from {name: Program} of each;
+    None when either lacks one of the two iterations."""
+    names = {"student": student, "critic": "critic iteration"}
+    if not all(n in ours and n in theirs for n in names.values()):
+        return None
+    out = {}
+    for key in ("ms", "cpu_ms"):
+        get = lambda progs, k: getattr(progs[names[k]], key)
+        cyc = lambda progs: (get(progs, "student") + 4 * get(progs, "critic")) / 5
+        out[key] = {"student": get(ours, "student") / get(theirs, "student"),
+                    "critic": get(ours, "critic") / get(theirs, "critic"),
+                    "cycle": cyc(ours) / cyc(theirs), "cycle_ms": (cyc(ours), cyc(theirs))}
+    return out
 
 
 def print_table(title: str, programs: list[Program], variants: list[str], ref_name: str | None):
@@ -385,11 +446,15 @@ def main():
     p.add_argument("--divergences", default="fkl",
                    help="student iterations to time with --distill (the first also times the critic)")
     p.add_argument("--sampling", action="store_true",
-                   help="with --distill: one-step student vs 35-NFE Heun sampling")
+                   help="one-step student vs 35-NFE Heun sampling (without --distill: only "
+                        "the samplers are compiled)")
     p.add_argument("--reference", default="",
                    help="a FastGen checkout: time its network's phases in the same rounds")
     p.add_argument("--reference_python", default=sys.executable,
                    help="the Python (with torch and FastGen's requirements) that runs it")
+    p.add_argument("--reference_threads", type=int, default=0,
+                   help="torch threads of the reference (default: every CPU); on a CPU shared "
+                        "with other jobs, 1 keeps its threads from waiting on each other")
     p.add_argument("--host_devices", type=int, default=0,
                    help="CPU devices of this process (jax_num_cpu_devices); variants with "
                         "devices > 1 split the batch over that many")
@@ -422,10 +487,10 @@ def main():
     net, dist, guard, info = [], [], [], {}
     for v in variants:
         net += network_programs(config, v, phases, args.batch)
-        if args.distill:
+        if args.distill or args.sampling:
             progs, info = distillation_programs(
                 config, v, [d.strip() for d in args.divergences.split(",")], args.batch,
-                args.sampling)
+                args.sampling, compile_steps=args.distill)
             dist += progs
         if args.guard and v == variants[0]:
             if not args.distill:
@@ -433,8 +498,10 @@ def main():
                                                 compile_steps=False)
             guard = guard_programs(info["state_shapes"], [int(n) for n in args.guard.split(",")])
         print(f"compiled variant {v}", flush=True)
-    ref = (reference_programs(args.reference, args.reference_python, phases, args.batch)
-           if args.reference and phases else None)
+    first_div = args.divergences.split(",")[0].strip()
+    ref = (reference_programs(args.reference, args.reference_python, phases, args.batch,
+                              first_div if args.distill else None, args.reference_threads)
+           if args.reference and (phases or args.distill) else None)
     if isinstance(ref, str):
         print(ref)
         ref = None
@@ -446,11 +513,13 @@ def main():
     setting = "smoke, NOT the" if args.smoke else "the"
     print(f"\nDDPM++ ({setting} benchmark setting), {n_params:,} parameters, batch {args.batch}, "
           f"float32, median of {args.rounds} interleaved rounds")
+    ref_net = [p for p in ref or [] if p.name in PHASES]
+    ref_dist = [p for p in ref or [] if p.name not in PHASES]
     if net:
-        print_table("network phases", net + (ref or []), variants + (["fastgen"] if ref else []),
+        print_table("network phases", net + ref_net, variants + (["fastgen"] if ref_net else []),
                     None)
-    if ref:
-        theirs = {p.name: p for p in ref}
+    if ref_net:
+        theirs = {p.name: p for p in ref_net}
         for v in variants:
             ours = {p.name: p for p in net if p.variant == v}
             print(f"{v} / FastGen (wall, cpu): " + ", ".join(
@@ -458,10 +527,11 @@ def main():
                 f"{ours[k].cpu_ms / theirs[k].cpu_ms:.2f}" for k in phases if k in ours and k in theirs))
     if dist:
         dsm = {p.variant: p for p in net if p.name == "dsm"}
-        print_table("distillation iterations", dist, variants, None)
+        print_table("distillation iterations" if args.distill else "samplers", dist + ref_dist,
+                    variants + (["fastgen"] if ref_dist else []), None)
+        theirs = {p.name: p for p in ref_dist}
         for v in variants:
             by = {p.name: p for p in dist if p.variant == v}
-            first_div = args.divergences.split(",")[0].strip()
             critic, student = by.get("critic iteration"), by.get(f"student iteration ({first_div})")
             if critic and student:
                 cycle = (student.ms + 4 * critic.ms) / 5
@@ -470,6 +540,13 @@ def main():
                     line += (f"; per DSM step: student {student.ms / dsm[v].ms:.2f}, critic "
                              f"{critic.ms / dsm[v].ms:.2f}, cycle {cycle / dsm[v].ms:.2f}")
                 print(line)
+            r = cycle_ratios(by, theirs, f"student iteration ({first_div})")
+            if r:
+                w, c = r["ms"], r["cpu_ms"]
+                print(f"{v} / FastGen f-distill (wall, cpu): student iteration {w['student']:.2f}, "
+                      f"{c['student']:.2f}; critic iteration {w['critic']:.2f}, {c['critic']:.2f}; "
+                      f"1 + 4 cycle {w['cycle']:.2f}, {c['cycle']:.2f} ({w['cycle_ms'][0]:.1f} / "
+                      f"{w['cycle_ms'][1]:.1f} ms)")
             one, heun = by.get("one-step student sampler"), by.get("teacher Heun sampler")
             if one and heun:
                 print(f"{v}: sampling batch {args.batch}: one-step {one.ms:.1f} ms "

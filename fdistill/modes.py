@@ -175,10 +175,12 @@ def label_draws(config, key, batch_size: int):
 class TeacherSampler:
     """``sampler(params, key, labels) -> x`` for the teacher with ``config.sampling``'s sampler
     (or ``sampler_name`` / ``num_steps``), jitted over the parameters so that new weights
-    (periodic evaluation) reuse the compiled sampler. ``nfe``: network evaluations per sample."""
+    (periodic evaluation) reuse the compiled sampler, the batch split over this process' devices
+    when it has several (``sharding.SplitBatch``; ``devices`` to choose them). ``nfe``: network
+    evaluations per sample."""
 
     def __init__(self, config, graphdef, others, batch_size: int, *,
-                 sampler_name: str | None = None, num_steps: int | None = None):
+                 sampler_name: str | None = None, num_steps: int | None = None, devices=None):
         s = config.sampling
         name, steps = sampler_name or s.sampler, num_steps or s.num_steps
         sampler = sampling.get_sampler(name, num_steps=steps, snr=s.snr,
@@ -197,7 +199,11 @@ class TeacherSampler:
                 denoise_fn = sampling.guided(denoise_fn, self.guidance)
             return sampler(denoise_fn, process, key, shape, labels)[0]
 
-        self._draw = jax.jit(draw)
+        self._draw = sharding.SplitBatch(draw, batch_size, batch_argnums=(2,), devices=devices)
+        self.num_devices = self._draw.num_devices
+
+    def lower(self, params, key, labels):
+        return self._draw.lower(params, key, labels)
 
     def __call__(self, params, key, labels):
         return self._draw(params, key, labels)
@@ -483,17 +489,19 @@ def build_distillation(config, teacher, mesh, *, student=None) -> distill_lib.Di
                                     student=student)
 
 
-def student_draw(config, distillation: distill_lib.Distillation, batch_size: int):
-    """``draw(params, key, labels) -> x``: the student's inference sampler, jitted."""
+def student_draw(config, distillation: distill_lib.Distillation, batch_size: int, *,
+                 devices=None) -> sharding.SplitBatch:
+    """``draw(params, key, labels) -> x``: the student's inference sampler, jitted, the batch split
+    over this process' devices when it has several (``sharding.SplitBatch``; ``devices`` to
+    choose them)."""
     shape = (batch_size,) + data.example_shape(config.data)
     generator = distillation.objective.generator
 
-    @jax.jit
     def draw(params, key, labels):
         return generator.sample(distillation.denoiser(params), key,
                                 {"x": jnp.zeros(shape, jnp.float32), "label": labels})
 
-    return draw
+    return sharding.SplitBatch(draw, batch_size, batch_argnums=(2,), devices=devices)
 
 
 def image_student_levels(dc, process) -> tuple[float, ...]:
@@ -542,12 +550,11 @@ def regression_init_sampler(config, init_dir: str, batch_size: int):
     sigmas = image_student_levels(resolved.distill, teacher.process)[:-1]
     shape = (batch_size,) + data.example_shape(resolved.data)
 
-    @jax.jit
     def draw(p, key, labels):
         return student_lib.generate(train.merge(graphdef, p, others), key, shape, labels,
                                     sigmas=sigmas)
 
-    return draw, params, len(sigmas)
+    return sharding.SplitBatch(draw, batch_size, batch_argnums=(2,)), params, len(sigmas)
 
 
 def distill(config, workdir: str) -> dict:

@@ -251,6 +251,64 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(DATA_AXIS))
 
 
+def local_mesh(devices=None) -> Mesh:
+    """A 1-D ``data`` mesh over this process' own devices (or ``devices``): sampling and
+    evaluation, where each process draws and scores its own samples."""
+    devices = np.asarray(jax.local_devices() if devices is None else list(devices))
+    return Mesh(devices, (DATA_AXIS,), axis_types=(AxisType.Auto,))
+
+
+class SplitBatch:
+    """``jax.jit(fn)`` for a function of one batch (a sampler, a feature network) that splits the
+    batch over this process' devices when it has several (``--cpu_devices=2``, several GPUs):
+    the arguments at ``batch_argnums`` (leading axis the batch; None passes through) and every
+    output (each must lead with the batch) are sharded along ``data``, the other arguments
+    (parameters, keys) replicated, so each device computes its share of the batch and XLA
+    propagates the split through the sampler's loop. Random draws inside ``fn`` do not depend on
+    the split (partitionable threefry), so the results equal one device's to float tolerance.
+    One device, or a batch size the devices do not divide, gives plain ``jax.jit(fn)``.
+    ``mesh``: the mesh, or None when not split; ``devices``: defaults to this process' own."""
+
+    def __init__(self, fn, batch_size: int, batch_argnums=(), *, devices=None):
+        self._device = None if devices is None else list(devices)[0]
+        devices = jax.local_devices() if devices is None else list(devices)
+        self.batch_size, self.batch_argnums = int(batch_size), frozenset(batch_argnums)
+        self.mesh = (local_mesh(devices) if len(devices) > 1 and self.batch_size % len(devices) == 0
+                     else None)
+        self._jit = (jax.jit(fn) if self.mesh is None
+                     else jax.jit(fn, out_shardings=batch_sharding(self.mesh)))
+        self._replicated: dict[int, tuple] = {}
+
+    @property
+    def num_devices(self) -> int:
+        return 1 if self.mesh is None else self.mesh.devices.size
+
+    def place(self, *args) -> tuple:
+        """The arguments on the mesh: batch arguments split, the others replicated. The last
+        replicated copy of each argument is kept while its arrays are the same objects, so the
+        same parameters passed batch after batch are copied to the devices once."""
+        if self.mesh is None:
+            return args if self._device is None else jax.device_put(args, self._device)
+        rep, bat = replicated(self.mesh), batch_sharding(self.mesh)
+        out = []
+        for i, a in enumerate(args):
+            if i in self.batch_argnums:
+                out.append(jax.device_put(a, bat))
+                continue
+            leaves, kept = jax.tree.leaves(a), self._replicated.get(i)
+            if kept is None or len(kept[0]) != len(leaves) or any(
+                    x is not y for x, y in zip(kept[0], leaves)):   # same (immutable) arrays
+                kept = self._replicated[i] = (leaves, jax.device_put(a, rep))
+            out.append(kept[1])
+        return tuple(out)
+
+    def __call__(self, *args):
+        return self._jit(*self.place(*args))
+
+    def lower(self, *args):
+        return self._jit.lower(*self.place(*args))
+
+
 def check_batch_size(global_batch_size: int, mesh: Mesh) -> None:
     """Raises before anything compiles when the batch cannot be split evenly."""
     n = mesh.devices.size

@@ -25,6 +25,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from fdistill import sharding
 from fdistill.evaluation import fid as fid_lib
 
 NUM_FEATURES = 128
@@ -73,7 +74,9 @@ class ConvNet(nnx.Module):
 
 
 class InDomainClassifier:
-    """A trained ConvNet for one dataset and image shape, with batched jitted evaluation."""
+    """A trained ConvNet for one dataset and image shape, with batched jitted evaluation (each
+    chunk of ``batch_size`` split over this process' devices when it has several,
+    ``sharding.SplitBatch``)."""
 
     def __init__(self, name: str, model: ConvNet, image_shape: tuple[int, int, int],
                  test_accuracy: float, batch_size: int = 500):
@@ -86,7 +89,7 @@ class InDomainClassifier:
             feats = model.features(x)
             return feats, model.out(feats)
 
-        self._run = jax.jit(run)
+        self._run = sharding.SplitBatch(run, batch_size, batch_argnums=(1,))
 
     def _check(self, x) -> np.ndarray:
         x = np.asarray(x)
