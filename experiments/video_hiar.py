@@ -205,7 +205,7 @@ def pipeline_timing(model, config, repeats: int = 5, batch: int = 8) -> dict:
     sigmas = VD.student_sigmas_of(config, model.process)
     shape = (batch, config.data.num_frames * config.eval.rollout_factor, config.data.size,
              config.data.size, config.data.get("channels", 1))
-    noise = hiar.draw_noise(jax.random.key(0), s.num_steps, shape)
+    noise = hiar.draw_noise(jax.random.key(0), s.num_steps, shape, model.process)
     kw = dict(block_size=s.block_size, window=s.window)
     runs = {
         "block_first_s": lambda: hiar.sample(model, noise, sigmas, order="block_first", **kw),
