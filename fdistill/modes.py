@@ -451,8 +451,7 @@ def build_distillation(config, teacher, mesh, *, student=None) -> distill_lib.Di
         sigmas = tuple(float(v) for v in video_distill.student_sigmas_of(config, process))
         generator = video_distill.SelfRollout(
             sigmas, block_size=int(s.block_size), window=int(s.window), process=process,
-            order=dc.order,
-            context=s.get("context", "output"), constrain=constrain)
+            order=dc.order, context=s.get("context", "output"), constrain=constrain)
         extra = ()
         if dc.fkl_weight > 0:
             extra = (video_distill.MotionRegulariser(
