@@ -279,6 +279,7 @@ def test_edm_loss_noises_with_frame_correlation():
 def test_frame_correlation_is_for_video_only():
     """Video distillation takes a frame-correlated teacher (its students draw the same noise,
     tests/test_video_frame_correlation.py); other data have no frames to correlate."""
+    import ml_collections
     from configs.distill_toy import get_config as toy_config
     from configs.video_quick import get_config
     from fdistill import validation
@@ -286,5 +287,6 @@ def test_frame_correlation_is_for_video_only():
     c.process.frame_correlation = 0.5
     assert not validation.problems(c, "distill") and not validation.problems(c, "train")
     t = toy_config()
-    t.process.frame_correlation = 0.5
+    assert not validation.problems(t, "distill")
+    t.process = ml_collections.ConfigDict({"frame_correlation": 0.5})
     assert any("process.frame_correlation" in line for line in validation.problems(t, "distill"))

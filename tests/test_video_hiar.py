@@ -188,6 +188,7 @@ PIPELINE_SCRIPT = textwrap.dedent("""
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=3"
     import jax, numpy as np
     from tests.test_video_model import tiny_denoiser, BS, T, SIZE
+    from fdistill import sde
     from fdistill.video import hiar
     assert len(jax.devices()) == 3
     model = tiny_denoiser(4)
