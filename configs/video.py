@@ -9,7 +9,7 @@ Aim: teacher clips with one square moving at the data's speed (~1 px/frame). Mea
 cores with configs/video_quick.py (2,000 steps, 256 Heun samples): speed ratio 1.38, shape
 error 0.034 (see its comments; the excess speed is the 5% of frame pairs where the square
 teleports or fades out mid-clip, not a uniform speed-up); with noise shared across frames
-(--config.process.frame_correlation=0.5, teacher only): 1.19 and 0.038. Over training seeds 0-2
+(--config.process.frame_correlation=0.5): 1.19 and 0.038. Over training seeds 0-2
 the default gives 1.51 +- 0.12 and rho 0.5 1.29 +- 0.10 (see the README's video section). The distillation is
 sized for a GPU (2,400 iterations).
 """
@@ -66,8 +66,8 @@ def get_config(variant: str = "hiar") -> ml_collections.ConfigDict:
     p.P_mean = -0.5         # wider than EDM's (-1.2, 1.2): a small model trained briefly must
     p.P_std = 1.6           # also see the high noise levels the 4-step student starts from
     p.rho = 7.0
-    p.frame_correlation = 0.0   # > 0: noise shared across a clip's frames (teacher only for now;
-                                #   distillation refuses it)
+    p.frame_correlation = 0.0   # > 0: noise shared across a clip's frames (the teacher's training,
+                                #   sampling, and every noise draw of its distillation)
 
     c.model = m = ml_collections.ConfigDict()
     m.name = "video_transformer"

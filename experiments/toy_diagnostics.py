@@ -260,7 +260,7 @@ class Diagnostics:
         def training_noise(key, x):
             k_sigma, k_eps = jax.random.split(key)
             sigma = obj.noise(k_sigma, x.shape[0])
-            return objective_lib.add_noise(k_eps, x, sigma), sigma
+            return objective_lib.add_noise(k_eps, x, sigma, obj.process), sigma
 
         self.logits_fn, self.truth_fn, self.training_noise = logits_fn, truth_fn, training_noise
         self.directions_fn = directions_fn

@@ -187,7 +187,7 @@ def teacher_context_use(teacher, config, sigmas=(1.0, 2.0, 4.0, 8.0), n: int = 1
     x = modes.dataset(config, n, seed=4321).batch(0)["x"]
     mixed = np.roll(x, 1, axis=0)
     mixed[:, 0] = x[:, 0]
-    eps = np.random.default_rng(0).normal(size=x.shape).astype(np.float32)
+    eps = np.asarray(teacher.process.noise(jax.random.key(0), x.shape))   # the teacher's noise
     out = {}
     for s in sigmas:
         level = np.full((n,), s, np.float32)
@@ -205,7 +205,7 @@ def pipeline_timing(model, config, repeats: int = 5, batch: int = 8) -> dict:
     sigmas = VD.student_sigmas_of(config, model.process)
     shape = (batch, config.data.num_frames * config.eval.rollout_factor, config.data.size,
              config.data.size, config.data.get("channels", 1))
-    noise = hiar.draw_noise(jax.random.key(0), s.num_steps, shape)
+    noise = hiar.draw_noise(jax.random.key(0), s.num_steps, shape, model.process)
     kw = dict(block_size=s.block_size, window=s.window)
     runs = {
         "block_first_s": lambda: hiar.sample(model, noise, sigmas, order="block_first", **kw),
@@ -274,6 +274,9 @@ def main(argv=None):
             done = config.training.num_steps in ckpt.all_steps()
     if not done:
         modes.train_teacher(config, teacher_dir)
+    # The teacher's own network, process and data (e.g. process.frame_correlation, which its
+    # samples, students and diagnostics draw their noise with).
+    config = modes.run_config(config, teacher_dir)
     teacher, _ = modes.load_teacher(config, teacher_dir)
     t_teacher = time.time() - t_start
     if args.pipeline:
@@ -324,7 +327,7 @@ def main(argv=None):
                 rows[NO_RETRAINING].append(_strip(modes.video_student_report(
                     vcfg, vdir, distillation.denoiser(state["student_ema"]), prefix="student",
                     order="hierarchical", name="rollout_hierarchical"), "student"))
-        icfg = load_config(args.quick)                  # HiAR's sampler: context t_{j+1}
+        icfg = modes.run_config(load_config(args.quick), teacher_dir)   # HiAR's sampler: t_{j+1}
         icfg.seed = seed
         init = _initialised_student(icfg, teacher, init_dir)
         rows["ODE-init student (hierarchical)"].append(_strip(modes.video_student_report(

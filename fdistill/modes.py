@@ -429,11 +429,6 @@ def teacher_of(config) -> tuple[ml_collections.ConfigDict, nnx.Module, int]:
         recorded = workdir_lib.read_config(workdir)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"config.distill.teacher_workdir={workdir!r}: {e}") from e
-    rho = float(recorded.get("process", {}).get("frame_correlation", 0.0) or 0.0)
-    if rho:
-        raise ValueError(f"config.distill.teacher_workdir={workdir!r}: the teacher was trained "
-                         f"with process.frame_correlation={rho}; distillation draws noise "
-                         f"independent across frames, so it needs a teacher trained with 0.")
     resolved = resolve_config(config, recorded)
     resolved.training = ml_collections.ConfigDict(recorded.training.to_dict())
     resolved.optim = ml_collections.ConfigDict(recorded.optim.to_dict())
@@ -461,8 +456,8 @@ def build_distillation(config, teacher, mesh, *, student=None) -> distill_lib.Di
                 mesh, jax.sharding.PartitionSpec(*((None,) * axis + (sharding.DATA_AXIS,)))))
         sigmas = tuple(float(v) for v in video_distill.student_sigmas_of(config, process))
         generator = video_distill.SelfRollout(
-            sigmas, block_size=int(s.block_size), window=int(s.window), order=dc.order,
-            context=s.get("context", "output"), constrain=constrain)
+            sigmas, block_size=int(s.block_size), window=int(s.window), process=process,
+            order=dc.order, context=s.get("context", "output"), constrain=constrain)
         extra = ()
         if dc.fkl_weight > 0:
             extra = (video_distill.MotionRegulariser(
@@ -673,8 +668,8 @@ def video_student_report(config, workdir: str, student, *, prefix: str,
     shape = (int(e.num_clips),) + data.example_shape(config.data)
     k_short, k_long = jax.random.split(jax.random.key(config.seed + 3))
     run = lambda key, shp: np.asarray(hiar.sample(
-        student, hiar.draw_noise(key, s.num_steps, shp), sigmas, block_size=s.block_size,
-        window=s.window, order=order, context=context))
+        student, hiar.draw_noise(key, s.num_steps, shp, student.process), sigmas,
+        block_size=s.block_size, window=s.window, order=order, context=context))
     short = run(k_short, shape)
     long = run(k_long, (shape[0], shape[1] * int(e.rollout_factor), *shape[2:]))
     row = sample_report(config, short, prefix)

@@ -9,7 +9,10 @@ teacher's have p_t. With r = p_t / q_theta,t (paper Eq. 7):
 s_p is the frozen teacher's score, s_q the "fake score" network trained online on student
 samples, and r is read off a discriminator trained with the logistic loss (at its optimum
 logit = log r). Everything is in EDM's parametrisation (alpha = 1, t = sigma), so with
-x0-predictions s_p - s_q = (x0_teacher - x0_fake) / sigma^2.
+x0-predictions s_p - s_q = C^-1 (x0_teacher - x0_fake) / sigma^2, where C is the covariance of
+the process' unit noise (`process.noise` / `process.noise_precision`): the identity, or a clip's
+frames correlated by rho for a teacher trained with `process.frame_correlation` = rho. Every
+noise draw here goes through `process.noise`.
 
 The module has two layers:
 * pure functions of arrays (the density ratio and its two normalisations, the f-weighted
@@ -95,9 +98,11 @@ class GridNoise:
         return jnp.asarray(self.sigmas)[index]
 
 
-def add_noise(key: Array, x: Array, sigma: Array) -> Array:
-    """x_t = x + sigma eps with one sigma per sample ([B], broadcast over the rest of x)."""
-    return x + bcast(sigma, x) * jax.random.normal(key, x.shape, x.dtype)
+def add_noise(key: Array, x: Array, sigma: Array, process) -> Array:
+    """x_t = x + sigma eps with one sigma per sample ([B], broadcast over the rest of x) and eps
+    the teacher's process noise (``process.noise``: standard normal, or correlated across a
+    clip's frames when the teacher was trained so)."""
+    return x + bcast(sigma, x) * process.noise(key, x.shape).astype(x.dtype)
 
 
 # =================================================================================================
@@ -155,16 +160,18 @@ def f_weights(divergence: divergences_lib.Divergence, r: Array, *, normalize: bo
 # Losses.
 
 def distribution_matching_loss(x: Array, x0_teacher: Array, x0_fake: Array, weights: Array, *,
-                               normalize: bool = True) -> Array:
+                               normalize: bool = True, precision=None) -> Array:
     """Per-sample f-distill generator loss, [B] (paper Eq. 9 in DMD's surrogate form).
 
-    g = h (x0_fake - x0_teacher) / mean|x - x0_teacher| (per sample; DMD's normalisation, off with
-    `normalize=False`) and loss = 0.5 ||x - sg(x - g)||^2 / dim, so d loss / dx = g / dim:
+    g = h C^-1 (x0_fake - x0_teacher) / mean|x - x0_teacher| (per sample; DMD's normalisation,
+    off with `normalize=False`) and loss = 0.5 ||x - sg(x - g)||^2 / dim, so d loss / dx = g / dim:
     descending it moves x along h (s_p - s_q) sigma^2, the f-divergence's gradient up to positive
-    factors.
+    factors. ``precision`` applies C^-1, the inverse covariance of the noise x_t was drawn with
+    (`process.noise_precision`); None: C = I.
     """
     axes = tuple(range(1, x.ndim))
-    g = (x0_fake - x0_teacher) * bcast(weights, x)
+    diff = x0_fake - x0_teacher
+    g = (diff if precision is None else precision(diff)) * bcast(weights, x)
     if normalize:
         g = g / jnp.mean(jnp.abs(x - x0_teacher), axis=axes, keepdims=True)
     target = jax.lax.stop_gradient(x - g)
@@ -225,7 +232,7 @@ ExtraTerm = Callable[[Any, Array, dict], tuple[Array, dict]]
 class FDivergenceObjective:
     """The f-distill student loss and critic loss of one iteration.
 
-    Student: x = generator(student); x_t = x + sigma eps, sigma ~ `noise`;
+    Student: x = generator(student); x_t = x + sigma eps, sigma ~ `noise`, eps ~ `process.noise`;
         loss = DM(x; h(r)) + gan_weight softplus(-logit(x_t)) + extra terms.
     Critic: fake score regressed onto detached student samples noised the same way, and the
         discriminator's logistic loss against real data noised at an independent level (+ R1).
@@ -297,7 +304,7 @@ class FDivergenceObjective:
         labels = batch.get("label")
         x = self.generator.training_sample(student, k_gen, batch)
         sigma = self.noise(k_sigma, x.shape[0])
-        x_t = add_noise(k_eps, x, sigma)
+        x_t = add_noise(k_eps, x, sigma, self.process)
         if self.feature_source == "teacher":
             x0_teacher, feats = self.teacher_x0(teacher, x_t, sigma, labels, return_features=True)
             x0_fake = fake_score(x_t, sigma, labels)
@@ -316,7 +323,7 @@ class FDivergenceObjective:
         h = f_weights(self.divergence, r, normalize=self.normalize_h)
         loss_dm = distribution_matching_loss(
             x, jax.lax.stop_gradient(x0_teacher), jax.lax.stop_gradient(x0_fake), h,
-            normalize=self.normalize_dm).mean()
+            normalize=self.normalize_dm, precision=self.process.noise_precision).mean()
         loss_gan = gan_generator_loss(logits).mean()
         loss = loss_dm + self.gan_weight * loss_gan
         metrics = {"student/loss_dm": loss_dm, "student/loss_gan": loss_gan,
@@ -347,9 +354,9 @@ class FDivergenceObjective:
         x_real = batch["x"]
         x = jax.lax.stop_gradient(self.generator.sample(student, k_gen, batch))
         sigma = self.noise(k_sigma, x.shape[0])
-        x_t = add_noise(k_eps, x, sigma)
+        x_t = add_noise(k_eps, x, sigma, self.process)
         sigma_real = self.noise(k_sigma_real, x_real.shape[0])
-        x_t_real = add_noise(k_eps_real, x_real, sigma_real)
+        x_t_real = add_noise(k_eps_real, x_real, sigma_real, self.process)
 
         def feats(x_in, s):
             if self.feature_source == "teacher":
@@ -359,7 +366,7 @@ class FDivergenceObjective:
         x_pert = None
         if self.r1_weight > 0:
             base = x_real if self.r1_perturb == "clean" else x_t_real
-            x_pert = base + self.r1_alpha * jax.random.normal(k_r1, base.shape)
+            x_pert = base + self.r1_alpha * self.process.noise(k_r1, base.shape)
         if self.feature_source == "fake_score":
             x0_fake, feats_fake = fake_score(x_t, sigma, labels, return_features=True)
             feats_real = feats(x_t_real, sigma_real)

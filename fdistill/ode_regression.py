@@ -7,7 +7,8 @@ regressing the student onto the teacher's own PF-ODE map teaches it directly, sa
 DMD (Yin et al. 2024, Sec. 3.3) adds such a regression loss for this reason; CausVid and HiAR
 initialise their video students by it. Here it is an initialisation, for images as for video:
 
-- ``teacher_pairs``: the teacher's Heun trajectories from ``sigma_max z`` (no real data), their
+- ``teacher_pairs``: the teacher's Heun trajectories from ``sigma_max z`` (z the teacher's process
+  noise, ``teacher.process.noise``; no real data), their
   states at the student's levels and their end points x0 (``pair_substeps`` Heun steps per student
   interval, so ``2 pair_substeps - 1`` evaluations per interval).
 - ``regression_loss``: each example at a random student level k, ``||G(x_k, sigma_k) - x0||^2``.
@@ -69,7 +70,7 @@ def teacher_pairs(teacher, key, num: int, shape, student_sigmas, *, substeps: in
     out = {"states": [], "x0": [], "label": []}
     for i in range(0, num, batch_size):
         k_z, k_y = jax.random.split(jax.random.fold_in(key, i))
-        z = jax.random.normal(k_z, (batch_size, *shape))
+        z = teacher.process.noise(k_z, (batch_size, *shape))
         labels = None
         if num_classes:
             labels = jax.nn.one_hot(jax.random.randint(k_y, (batch_size,), 0, num_classes),

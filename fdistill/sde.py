@@ -84,6 +84,12 @@ class SDE(abc.ABC):
         """The forward process' unit noise (standard normal); every sampler draws through it."""
         return jax.random.normal(key, shape)
 
+    def noise_precision(self, v: jax.Array) -> jax.Array:
+        """C^-1 v for the covariance C of `noise` (the identity here). A score read off a
+        denoiser D at level sigma is -C^-1 (x - D) / sigma^2 (Tweedie with noise N(0, sigma^2 C));
+        `score_from_denoised` leaves C^-1 out (it is what the samplers' drift needs)."""
+        return v
+
     @abc.abstractmethod
     def inverse_scaled_sigma(self, sigma: jax.Array) -> jax.Array:
         """The time t at which sigma_t / alpha_t = sigma (EDM Table 1's sigma^-1)."""
@@ -356,6 +362,19 @@ class EDM(SDE):
         k_shared, k_own = jax.random.split(key)
         shared = jax.random.normal(k_shared, (shape[0], 1) + tuple(shape[2:]))
         return math.sqrt(rho) * shared + math.sqrt(1 - rho) * jax.random.normal(k_own, shape)
+
+    def noise_precision(self, v):
+        """C^-1 v for the frame covariance C = (1 - rho) I + rho 1 1^T of `noise` (per clip and
+        pixel, over the frames of ``v [B, T, ...]``): the frame mean divided by C's eigenvalue
+        along it, 1 - rho + T rho, the rest by 1 - rho. ``v`` itself when rho = 0."""
+        rho = self.frame_correlation
+        if not rho:
+            return v
+        if v.ndim != 5:
+            raise ValueError(f"frame_correlation needs clips [B, T, H, W, C]; got shape {v.shape}")
+        t = v.shape[1]
+        mean = jnp.mean(v, axis=1, keepdims=True)
+        return (v - mean) / (1 - rho) + mean / (1 - rho + t * rho)
 
     def prior_sampling(self, key, shape):
         return self.noise(key, shape) * self.sigma_max

@@ -134,9 +134,9 @@ def _distillation(c: _Checks) -> None:
         c._report("distill.fkl_steps", k, f"must be <= config.student.num_steps = {steps} (K "
                   f"constrained steps among the student's)")
     rho = _get(c.config, "process.frame_correlation")
-    if rho is not _MISSING and rho:
-        c._report("process.frame_correlation", rho, "must be 0 to distill (students, ODE pairs "
-                  "and critic draw noise independent across frames)")
+    if rho is not _MISSING and rho and _get(c.config, "data.name") != "video":
+        c._report("process.frame_correlation", rho, "must be 0 unless the data are video clips "
+                  "(it correlates the noise of a clip's frames)")
     c.multiple("distill.eval_every", "distill.log_every")
     if _count(_get(c.config, "distill.eval_every")):
         c.integer("eval.periodic_num_samples", 1)

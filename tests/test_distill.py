@@ -130,19 +130,6 @@ def test_regression_term_feeds_the_teachers_pairs_through_the_loop(configs, tmp_
         assert f["x0"].shape == (64, 2) and f["states"].shape == (64, 1, 2)
 
 
-def test_teacher_with_frame_correlated_noise_is_refused(configs, tmp_path):
-    """A teacher trained with process.frame_correlation > 0 cannot be distilled (the students
-    draw independent noise per frame), whatever the distill config says."""
-    t, c, _ = configs
-    t = copy.deepcopy(t)
-    t.process.frame_correlation = 0.5
-    workdir_lib.write_config(str(tmp_path / "teacher"), t, mode="train")
-    c = copy.deepcopy(c)
-    c.distill.teacher_workdir = str(tmp_path / "teacher")
-    with pytest.raises(ValueError, match="frame_correlation=0.5.*trained with 0"):
-        modes.distill(c, str(tmp_path / "out"))
-
-
 def test_missing_teacher_or_own_workdir_fails_before_compiling(configs, tmp_path):
     _, c, _ = configs
     c = copy.deepcopy(c)

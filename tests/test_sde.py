@@ -276,10 +276,17 @@ def test_edm_loss_noises_with_frame_correlation():
     np.testing.assert_allclose(np.cov(n, rowvar=False), _corr(rho, t), atol=0.05)
 
 
-def test_distilling_refuses_frame_correlated_noise():
+def test_frame_correlation_is_for_video_only():
+    """Video distillation takes a frame-correlated teacher (its students draw the same noise,
+    tests/test_video_frame_correlation.py); other data have no frames to correlate."""
+    import ml_collections
+    from configs.distill_toy import get_config as toy_config
     from configs.video_quick import get_config
     from fdistill import validation
     c = get_config()
     c.process.frame_correlation = 0.5
-    assert any("process.frame_correlation" in line for line in validation.problems(c, "distill"))
-    assert not validation.problems(c, "train")
+    assert not validation.problems(c, "distill") and not validation.problems(c, "train")
+    t = toy_config()
+    assert not validation.problems(t, "distill")
+    t.process = ml_collections.ConfigDict({"frame_correlation": 0.5})
+    assert any("process.frame_correlation" in line for line in validation.problems(t, "distill"))

@@ -20,7 +20,7 @@ SIGMAS = hiar.step_sigmas(S, sigma_max=80.0, sigma_last=0.5)
 
 
 def _noise(seed=0, t=T):
-    return hiar.draw_noise(jax.random.key(seed), S, (2, t, SIZE, SIZE, 1))
+    return hiar.draw_noise(jax.random.key(seed), S, (2, t, SIZE, SIZE, 1), sde.EDM())
 
 
 def reference_hierarchical(model, noise, sigmas, window, context="output"):
@@ -188,11 +188,12 @@ PIPELINE_SCRIPT = textwrap.dedent("""
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=3"
     import jax, numpy as np
     from tests.test_video_model import tiny_denoiser, BS, T, SIZE
+    from fdistill import sde
     from fdistill.video import hiar
     assert len(jax.devices()) == 3
     model = tiny_denoiser(4)
     sigmas = hiar.step_sigmas(3)
-    noise = hiar.draw_noise(jax.random.key(5), 3, (2, 3 * T, SIZE, SIZE, 1))
+    noise = hiar.draw_noise(jax.random.key(5), 3, (2, 3 * T, SIZE, SIZE, 1), sde.EDM())
     seq = hiar.sample(model, noise, sigmas, block_size=BS, window=T)
     pipe = hiar.pipelined_hierarchical(model, noise, sigmas, block_size=BS, window=T)
     print("MAXDIFF", float(np.abs(np.asarray(seq) - np.asarray(pipe)).max()))

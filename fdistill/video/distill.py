@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -65,17 +65,23 @@ def noise_of(dc, grid_noise):
 @dataclasses.dataclass(frozen=True)
 class SelfRollout:
     """The block-causal video student as a `Generator`: a rollout over ``sigmas`` (S + 1 levels
-    ending in 0) in ``order`` with the hierarchical order's ``context`` level; training samples exit at one random step shared by all blocks.
-    ``constrain`` (optional) places self-drawn noise like the batch (data parallel)."""
+    ending in 0) in ``order`` with the hierarchical order's ``context`` level; training samples
+    exit at one random step shared by all blocks. The rollout's noise (initial and re-noising)
+    is the teacher's ``process`` noise (`hiar.draw_noise`). ``constrain`` (optional) places
+    self-drawn noise like the batch (data parallel)."""
 
     sigmas: tuple[float, ...]
     block_size: int
     window: int
+    process: Any = None
     order: str = "hierarchical"
     context: str = "output"
     constrain: Callable | None = None
 
     def __post_init__(self):
+        if not hasattr(self.process, "noise"):
+            raise ValueError("SelfRollout needs the teacher's process (its noise sampler); got "
+                             f"{self.process!r}.")
         hiar.check_order(self.order)
         hiar.check_context(self.context)
         check_window(self.window, self.block_size)
@@ -88,7 +94,7 @@ class SelfRollout:
         k_noise, k_exit = jax.random.split(key)
         shape = batch["x"].shape
         check_attention("block_causal", shape[1], self.block_size)
-        noise = hiar.draw_noise(k_noise, len(self.sigmas) - 1, shape)
+        noise = hiar.draw_noise(k_noise, len(self.sigmas) - 1, shape, self.process)
         if self.constrain is not None:
             noise = self.constrain(noise, axis=1)
         exit_step = (jax.random.randint(k_exit, (), 0, len(self.sigmas) - 1) if train else None)

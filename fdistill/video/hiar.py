@@ -19,9 +19,9 @@ In the hierarchical order cell (b, j) needs only (b, j-1) and the cells (< b, j)
 anti-diagonals b + j = const can run at once: ``pipelined_hierarchical`` places step j on
 device j of a mesh axis ``'step'`` and passes blocks down the pipeline with ``ppermute``.
 
-All randomness is one array ``noise [S, B, T, H, W, C]`` (``draw_noise``): ``noise[0]`` is the
-initial noise (x^{(0)} = sigma_0 noise[0]) and ``noise[j]`` (j >= 1) re-noises to level sigma_j,
-so every schedule over the same noise yields the same video.
+All randomness is one array ``noise [S, B, T, H, W, C]`` (``draw_noise``, from the teacher's
+process noise): ``noise[0]`` is the initial noise (x^{(0)} = sigma_0 noise[0]) and ``noise[j]``
+(j >= 1) re-noises to level sigma_j, so every schedule over the same noise yields the same video.
 """
 from __future__ import annotations
 
@@ -61,9 +61,14 @@ def step_sigmas(num_steps: int, *, sigma_max: float = 80.0, sigma_last: float = 
     return np.asarray(karras_grid(sigma_last, sigma_max, num_steps, rho), np.float32)
 
 
-def draw_noise(key, num_steps: int, shape) -> jax.Array:
-    """``[num_steps, *shape]`` standard normals: initial noise, then one re-noising per level."""
-    return jax.random.normal(key, (num_steps, *shape), jnp.float32)
+def draw_noise(key, num_steps: int, shape, process) -> jax.Array:
+    """``[num_steps, *shape]``: initial noise, then one re-noising per level, each an independent
+    draw of the teacher's unit noise for clips ``shape = [B, T, H, W, C]`` (``process.noise``:
+    standard normal, or correlated across the clip's frames by the teacher's
+    ``frame_correlation``; with rho = 0 exactly ``jax.random.normal(key, (num_steps, *shape))``)."""
+    b = shape[0]
+    z = process.noise(key, (num_steps * b, *tuple(shape)[1:]))
+    return z.reshape(num_steps, *shape).astype(jnp.float32)
 
 
 def _blocks(x, block_size):
