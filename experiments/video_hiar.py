@@ -23,7 +23,9 @@ displacement, VBench's 1-in-4 rule) and the shape error; over a rollout ``eval.r
 (4) times the training length, the speed ratio overall and in the last segment, the dynamic
 degree, and the drift: the fitted relative change of the shape error, sharpness and intensity
 from the first segment to the last (``|drift|``: their mean magnitude). See
-``fdistill.video.metrics.evaluate_rollout``.
+``fdistill.video.metrics.evaluate_rollout``. With several seeds a second table gives each
+trained row minus "hierarchical, w/o FKL" seed by seed (the rows of a seed share its
+initialisation), mean +- standard error: the regulariser's effect is a paired difference.
 
 Run length. On 2 CPU cores one ``video_quick`` student costs minutes; the rows' differences at
 that length are inside the seed spread (see the README's video section). Separating them needs
@@ -105,6 +107,34 @@ def table(rows: dict[str, list[dict]]) -> str:
     lines = ["| row | " + " | ".join(COLUMNS.values()) + " |", "|" + "---|" * (len(COLUMNS) + 1)]
     for name, runs in rows.items():
         cells = [summarise([r.get(c) for r in runs]) for c in COLUMNS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+PAIRED_BASE = "hierarchical, w/o FKL"
+PAIRED_COLUMNS = ("speed_ratio", "long/speed_ratio", "long/speed_ratio_last", "drift")
+
+
+def paired_table(rows: dict[str, list[dict]], base: str = PAIRED_BASE) -> str:
+    """Each trained row minus ``base`` seed by seed (the rows of one seed share its ODE pairs and
+    initialisation), as mean +- standard error over the seeds: what the seed spread of either
+    row alone hides. Empty with fewer than 2 seeds."""
+    ref = rows.get(base, [])
+    if len(ref) < 2:
+        return ""
+    lines = [f"| row - {base} (paired by seed) | "
+             + " | ".join(COLUMNS[c] for c in PAIRED_COLUMNS) + " |",
+             "|" + "---|" * (len(PAIRED_COLUMNS) + 1)]
+    for name, runs in rows.items():
+        if name in (base, "data") or len(runs) != len(ref):
+            continue
+        cells = []
+        for c in PAIRED_COLUMNS:
+            if any(r.get(c) is None for r in runs + ref):
+                cells.append("n/a")
+                continue
+            d = np.array([r[c] for r in runs]) - np.array([r[c] for r in ref])
+            cells.append(f"{d.mean():+.3f} +- {d.std(ddof=1) / np.sqrt(len(d)):.3f}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -334,6 +364,8 @@ def main(argv=None):
             icfg, init_dir, init, prefix="init", order="hierarchical"), "init"))
 
     text = table(rows)
+    paired = paired_table(rows)
+    text += "\n\n" + paired if paired else ""
     print(f"\nseeds {seeds}\n" + text)
     summary = {"config": "video_quick" if args.quick else "video", "seeds": seeds,
                "distill_steps": args.distill_steps or int(config.distill.num_steps),
@@ -375,6 +407,8 @@ def merge(paths: list[str], workdir: str) -> dict:
                 continue
             rows.setdefault(name, []).extend(runs)
     text = table(rows)
+    paired = paired_table(rows)
+    text += "\n\n" + paired if paired else ""
     print(f"seeds {seeds}\n{text}")
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "video_hiar.json"), "w") as f:

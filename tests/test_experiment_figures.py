@@ -134,6 +134,25 @@ def test_video_rollouts_figure_is_one_titled_filmstrip_per_model(tmp_path):
                                   else want)
 
 
+def test_video_paired_table_differences_rows_seed_by_seed():
+    """video_hiar.py's paired table: each row minus the w/o-FKL row per seed, mean and standard
+    error of those differences (not of the rows), n/a where a row lacks the column."""
+    video_hiar = _experiment("video_hiar")
+    base = video_hiar.PAIRED_BASE
+    cols = dict.fromkeys(video_hiar.PAIRED_COLUMNS, 1.0)
+    ref = [{**cols, "speed_ratio": v} for v in (1.0, 2.0, 3.0)]
+    hiar = [{**cols, "speed_ratio": v} for v in (0.9, 1.7, 2.8)]      # differences -0.1, -0.3, -0.2
+    teacher = [{"speed_ratio": v} for v in (1.0, 2.0, 3.5)]
+    text = video_hiar.paired_table({"data": ref[:1], base: ref, "hiar": hiar, "teacher": teacher})
+    lines = text.splitlines()
+    assert len(lines) == 4 and lines[0].startswith(f"| row - {base} (paired by seed) |")
+    se = np.std([-0.1, -0.3, -0.2], ddof=1) / np.sqrt(3)                # 0.0577
+    assert lines[2] == (f"| hiar | -0.200 +- {se:.3f} | +0.000 +- 0.000 | +0.000 +- 0.000 | "
+                        "+0.000 +- 0.000 |")
+    assert lines[3].startswith("| teacher | +0.167 +- ") and lines[3].endswith("| n/a | n/a | n/a |")
+    assert video_hiar.paired_table({base: ref[:1], "hiar": hiar[:1]}) == ""
+
+
 def test_video_gif_frames_carry_their_title(tmp_path):
     """Every frame of a titled sample GIF is the untitled frame under the title's band."""
     from fdistill.video import metrics
