@@ -37,6 +37,8 @@ def get_config(variant: str = "hiar"):
     #   rho 0.5, seed 2:                                       1.24 / 0.029 / 0.057 / 493
     #   the default, seed 2:                                   1.48 / 0.028 / 0.078 / 173
     # Over seeds 0-2: default 1.51 +- 0.12, rho 0.5 1.29 +- 0.10 (lower in every seed).
+    # rho 0.5 with optim.decay_steps=1800 (cosine decay to 0 after the warm-up), seeds 0 / 1 / 2:
+    #   1.23 / 0.050, 1.21 / 0.040, 1.24 / 0.041: 1.23 +- 0.01, higher shape error in every seed.
     # The training seed moves the speed ratio by ~0.3: every single-seed row above is within it.
     # (its typical pair moves 0.81 px against the data's 0.92: fewer jumps, slightly slower.)
     # (the last three rows cost about the same FLOPs per step; timings vary with the other jobs
