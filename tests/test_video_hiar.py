@@ -225,3 +225,41 @@ def test_fused_passes_give_the_sequential_video(window):
     with pytest.raises(ValueError, match="fused pass is for hierarchical"):
         hiar.sample(model, noise, SIGMAS, block_size=BS, window=window, fused=True,
                     context="input")
+
+
+SPLIT_SCRIPT = textwrap.dedent("""
+    import json
+    import jax, numpy as np
+    from flax import nnx
+    from tests.test_video_model import tiny_denoiser, BS, T, SIZE
+    from fdistill import sde
+    from fdistill.video import hiar
+    assert jax.device_count() == 2
+    model = tiny_denoiser(7, depth=1)
+    sigmas = tuple(float(s) for s in hiar.step_sigmas(3))
+    noise = hiar.draw_noise(jax.random.key(8), 3, (4, 2 * T, SIZE, SIZE, 1), sde.EDM())
+    split = hiar.sample(model, noise, sigmas, block_size=BS, window=T)
+    graphdef, state = nnx.split(model)
+    one = hiar._sample_jit(graphdef, state, noise, sigmas, BS, T, "hierarchical", "output", False)
+    odd = hiar.sample(model, noise[:, :3], sigmas, block_size=BS, window=T)
+    print("RESULT" + json.dumps({
+        "maxdiff": float(np.abs(np.asarray(split) - np.asarray(one)).max()),
+        "scale": float(np.abs(np.asarray(one)).max()),
+        "split_devices": len(split.sharding.device_set),
+        "rows": sorted({s.data.shape[0] for s in split.addressable_shards}),
+        "one_devices": len(one.sharding.device_set),
+        "odd_devices": len(odd.sharding.device_set),
+        "odd_maxdiff": float(np.abs(np.asarray(odd) - np.asarray(one)[:3]).max())}))
+""")
+
+
+def test_sampler_splits_clips_over_local_devices():
+    """With 2 (fake CPU) devices the rollout's clips are split over them, 2 clips each, and the
+    video is the one-device program's to float tolerance; 3 clips (not divisible) stay on one
+    device."""
+    from tests.tiny import run_on_fake_devices
+    r = run_on_fake_devices(SPLIT_SCRIPT, devices=2)
+    assert r["split_devices"] == 2 and r["rows"] == [2] and r["one_devices"] == 1
+    assert r["odd_devices"] == 1
+    assert r["maxdiff"] <= 1e-5 * max(r["scale"], 1.0), r
+    assert r["odd_maxdiff"] <= 1e-5 * max(r["scale"], 1.0), r

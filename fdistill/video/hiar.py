@@ -31,8 +31,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import AxisType, Mesh, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from fdistill import sharding
 from fdistill.models import video as video_models
 from fdistill.sde import karras_grid
 
@@ -223,11 +224,20 @@ def rollout(model, noise, sigmas, *, block_size: int, window: int,
 def sample(model, noise, sigmas, *, block_size: int, window: int,
            order: str = "hierarchical", context: str = "output",
            fused: bool = False) -> jax.Array:
-    """Jitted rollout of a VideoDenoiser (any clip length; sliding KV window of ``window``)."""
+    """Jitted rollout of a VideoDenoiser (any clip length; sliding KV window of ``window``).
+    With several local devices (``--cpu_devices=2``, several GPUs) whose count divides the
+    number of clips, the clips are split over them (``noise``'s batch axis; the weights
+    replicated): each device rolls out its share, and the video is one device's to float
+    tolerance."""
     check_order(order)
     check_context(context)
     _check(model, noise, sigmas, block_size, window)
     graphdef, state = nnx.split(model)
+    devices = jax.local_devices()
+    if len(devices) > 1 and noise.shape[1] % len(devices) == 0:
+        mesh = sharding.local_mesh(devices)
+        noise = jax.device_put(noise, NamedSharding(mesh, P(None, sharding.DATA_AXIS)))
+        state = jax.device_put(state, sharding.replicated(mesh))
     return _sample_jit(graphdef, state, noise, tuple(float(s) for s in sigmas), block_size,
                        window, order, context, fused)
 
