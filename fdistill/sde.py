@@ -383,13 +383,11 @@ class EDM(SDE):
         rho = self.frame_correlation
         if not rho:
             return gaussian_logp(z, self.sigma_max)
-        # Per clip and pixel, frames ~ N(0, sigma_max^2 ((1 - rho) I + rho 1 1^T)).
+        # Per clip and pixel, frames ~ N(0, sigma_max^2 C), C = (1 - rho) I + rho 1 1^T.
         t = z.shape[1]
         s2 = self.sigma_max ** 2
         top = 1 - rho + t * rho                              # eigenvalue along the frame mean
-        total = jnp.sum(z ** 2, axis=1)
-        along = jnp.sum(z, axis=1) ** 2 / t
-        quad = (total - along) / (s2 * (1 - rho)) + along / (s2 * top)
+        quad = jnp.sum(z * self.noise_precision(z), axis=1) / s2
         logdet = t * math.log(s2) + (t - 1) * math.log(1 - rho) + math.log(top)
         per_pixel = -0.5 * (quad + logdet + t * math.log(2 * math.pi))
         return jnp.sum(per_pixel.reshape(z.shape[0], -1), axis=-1)
