@@ -10,6 +10,7 @@ from configs.default import get_default_config
 
 def get_config():
     c = get_default_config()
+    c.cpu_devices = 0         # on a CPU: one device per core (a GPU/TPU run uses its accelerators)
     c.data.name = "digits"
     c.data.image_size = 8
     c.data.num_channels = 1

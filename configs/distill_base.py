@@ -22,12 +22,13 @@ def optim(lr: float, weight_decay: float = 1e-2, grad_clip: float = 10.0, beta1:
 
 def distill_config(teacher_config=None, *, teacher_workdir: str = "",
                    divergence: str = "fkl") -> ml_collections.ConfigDict:
-    """A distill config: `seed`, `eval` and `sampling` of `teacher_config` (the teacher's config
-    file, e.g. its in-domain evaluation; the defaults when None), `data.data_dir`, and the
-    `distill` section."""
+    """A distill config: `seed`, `cpu_devices`, `eval` and `sampling` of `teacher_config` (the
+    teacher's config file, e.g. its in-domain evaluation; the defaults when None),
+    `data.data_dir`, and the `distill` section."""
     base = teacher_config if teacher_config is not None else get_default_config()
     c = ml_collections.ConfigDict()
     c.seed = base.seed
+    c.cpu_devices = base.get("cpu_devices", 1)
     c.data = ml_collections.ConfigDict({"data_dir": base.data.get("data_dir", "")})
     c.eval = base.eval
     c.sampling = base.sampling

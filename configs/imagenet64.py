@@ -19,6 +19,7 @@ from configs.default import get_default_config
 
 def get_config():
     c = get_default_config()
+    c.cpu_devices = 0         # on a CPU: one device per core (a GPU/TPU run uses its accelerators)
     c.data.name = "imagenet64"
     c.data.image_size = 64
     c.data.num_channels = 3

@@ -4,8 +4,9 @@
     python -m fdistill.main --config=configs/toy.py --workdir=runs/toy --mode=sample \
         --config.sampling.sampler=pc
 
-On a multi-core CPU, --cpu_devices=2 (or FDISTILL_CPU_DEVICES=2) shards the batch over two CPU
-devices, one thread each.
+On a multi-core CPU, --cpu_devices=N (or FDISTILL_CPU_DEVICES=N, or the config's cpu_devices)
+shards the batch over N CPU devices, each running its share as its own program; 0 means one per
+core (the image configs' default: their U-Nets step faster so; the toys' small steps do not).
 
 Multi-host: pass --coordinator_address=host:port --num_processes=N --process_id=i, or
 --distributed to let JAX auto-detect the cluster (TPU pods, SLURM, Open MPI).
@@ -46,8 +47,9 @@ flags.DEFINE_bool("compilation_cache", True,
                   "for off) so that a rerun or a resumed run does not compile again.")
 flags.DEFINE_integer("cpu_devices", None,
                      "Split the CPU into this many JAX devices and shard the batch over them "
-                     "(faster on a multi-core CPU: one per core; the batch sizes must be multiples "
-                     f"of it). Default: ${sharding.CPU_DEVICES_ENV}, else 1.")
+                     "(faster for convolutional networks on a multi-core CPU; the batch sizes must "
+                     "be multiples of it); 0: one per core, as many as divide the batch sizes. "
+                     f"Default: ${sharding.CPU_DEVICES_ENV}, else the config's cpu_devices.")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
@@ -64,12 +66,26 @@ def run(config, workdir: str, mode: str) -> dict:
         return MODES[mode](config, workdir)
 
 
+def cpu_devices_for(config, mode: str, flag: int | None = None, *,
+                    several_processes: bool = False) -> int:
+    """How many CPU devices this run splits the CPU into: ``--cpu_devices``, else
+    ``$FDISTILL_CPU_DEVICES``, else ``config.cpu_devices``; 0 resolved to one per core, as many as
+    divide the batches ``mode`` shards (``sharding.resolve_cpu_devices``)."""
+    requested = flag
+    if requested is None:
+        requested = sharding.cpu_devices_from_env()
+    if requested is None:
+        requested = config.get("cpu_devices", 1)
+    return sharding.resolve_cpu_devices(requested, modes.sharded_batch_sizes(config, mode),
+                                        num_processes=2 if several_processes else 1)
+
+
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
-    cpu_devices = FLAGS.cpu_devices
-    if cpu_devices is None:
-        cpu_devices = errors.cli_errors(sharding.cpu_devices_from_env, verbose=FLAGS.verbose)
+    several = bool(FLAGS.distributed or FLAGS.coordinator_address or (FLAGS.num_processes or 1) > 1)
+    cpu_devices = errors.cli_errors(cpu_devices_for, FLAGS.config, FLAGS.mode, FLAGS.cpu_devices,
+                                    several_processes=several, verbose=FLAGS.verbose)
     if cpu_devices != 1:
         errors.cli_errors(sharding.set_cpu_devices, cpu_devices, verbose=FLAGS.verbose)
     if FLAGS.compilation_cache:

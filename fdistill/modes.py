@@ -113,6 +113,21 @@ def is_video(config) -> bool:
     return config.data.name == "video"
 
 
+def sharded_batch_sizes(config, mode: str) -> list[int]:
+    """The global batch sizes that ``mode``'s steps split over the devices (each device needs an
+    equal share): the teacher's training batch, or the distillation batch and the video
+    regulariser's. Sampling and evaluation split a batch only when the devices divide it."""
+    if mode in ("train", "quickstart"):
+        return [config.training.batch_size]
+    dc = config.get("distill")
+    if mode != "distill" or dc is None:
+        return []
+    sizes = [dc.batch_size]
+    if config.data.get("name") == "video" and dc.get("fkl_weight", 0.0) > 0:
+        sizes.append(dc.fkl_batch_size)
+    return sizes
+
+
 # =================================================================================================
 # Building blocks: models, data, samplers, saved samples.
 
@@ -294,6 +309,12 @@ def _print(message: str) -> None:
         print(message, flush=True)
 
 
+def _print_mesh(mesh, batch_size: int, what: str) -> None:
+    n = mesh.devices.size
+    _print(f"{what}: batch {batch_size} over {n} {mesh.devices.flat[0].platform} device"
+           + (f"s ({batch_size // n} each)" if n > 1 else ""))
+
+
 # =================================================================================================
 # Teacher modes.
 
@@ -303,6 +324,7 @@ def train_teacher(config, workdir: str) -> dict:
     mesh = sharding.make_mesh()
     t = config.training
     sharding.check_batch_size(t.batch_size, mesh)
+    _print_mesh(mesh, t.batch_size, "training")
     ds = dataset(config, t.batch_size)
     tx = train.make_optimizer(config.optim)
     graphdef, others, state = train.init_state(build_model(config), tx)
@@ -567,6 +589,7 @@ def distill(config, workdir: str) -> dict:
         sharding.check_batch_size(dc.batch_size, mesh)
     except ValueError as e:
         raise ValueError(f"config.distill.batch_size: {e}") from e
+    _print_mesh(mesh, dc.batch_size, "distillation")
     student, extra_batches, extra_key = None, None, ""
     init_dir = dc.get("init_workdir", "") or workdir
     if is_video(config):

@@ -207,12 +207,34 @@ def _join(address: str, host: str, port: int, num_processes: int, process_id: in
         f"within {timeout_s:g} s; check --coordinator_address.")
 
 
-def cpu_devices_from_env() -> int:
-    """The CPU device count that ``$FDISTILL_CPU_DEVICES`` asks for (1 when unset)."""
-    value = os.environ.get(CPU_DEVICES_ENV, "").strip() or "1"
-    if not value.isdigit() or int(value) < 1:
-        raise ConfigError(f"{CPU_DEVICES_ENV}={value!r}: must be an integer >= 1")
+def cpu_devices_from_env() -> int | None:
+    """The CPU device count that ``$FDISTILL_CPU_DEVICES`` asks for (0: one per core), or None
+    when it is unset."""
+    value = os.environ.get(CPU_DEVICES_ENV, "").strip()
+    if not value:
+        return None
+    if not value.isdigit():
+        raise ConfigError(f"{CPU_DEVICES_ENV}={value!r}: must be an integer >= 0 (0: one per core)")
     return int(value)
+
+
+def resolve_cpu_devices(requested: int, batch_sizes=(), *, cores: int | None = None,
+                        num_processes: int = 1) -> int:
+    """The CPU device count for ``requested`` (``--cpu_devices``, ``$FDISTILL_CPU_DEVICES`` or the
+    config's ``cpu_devices``): a positive count as is; 0 means one device per core this process
+    may run on (``os.sched_getaffinity``), lowered to the largest count that divides every
+    ``batch_sizes`` entry (the batches the run's steps shard, which need equal shares), and 1
+    when several processes share the run (each process' devices then come from the launcher)."""
+    if not (isinstance(requested, int) and requested >= 0):
+        raise ConfigError(f"cpu devices = {requested!r}: must be an integer >= 0 (0: one per core; "
+                          f"--cpu_devices or config.cpu_devices)")
+    if requested > 0:
+        return requested
+    if num_processes > 1:
+        return 1
+    cores = len(os.sched_getaffinity(0)) if cores is None else cores
+    return max(n for n in range(1, max(cores, 1) + 1)
+               if all(int(b) % n == 0 for b in batch_sizes))
 
 
 def set_cpu_devices(n: int) -> None:

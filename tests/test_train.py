@@ -220,10 +220,53 @@ def test_guard_finite_keeps_the_finite_state_and_names_the_bad_entry(bad):
 
 def test_cpu_devices_from_the_environment(monkeypatch):
     monkeypatch.delenv(sharding.CPU_DEVICES_ENV, raising=False)
-    assert sharding.cpu_devices_from_env() == 1
+    assert sharding.cpu_devices_from_env() is None
     monkeypatch.setenv(sharding.CPU_DEVICES_ENV, "2")
     assert sharding.cpu_devices_from_env() == 2
-    for bad in ("two", "0", "-1"):
+    monkeypatch.setenv(sharding.CPU_DEVICES_ENV, "0")
+    assert sharding.cpu_devices_from_env() == 0
+    for bad in ("two", "-1", "1.5"):
         monkeypatch.setenv(sharding.CPU_DEVICES_ENV, bad)
         with pytest.raises(errors.ConfigError, match=sharding.CPU_DEVICES_ENV):
             sharding.cpu_devices_from_env()
+
+
+def test_one_cpu_device_per_core_as_many_as_divide_the_sharded_batches():
+    """cpu_devices = 0: one device per core, lowered to the largest count dividing every batch
+    the run shards; one device per process in a multi-process run; a count >= 1 is kept."""
+    resolve = sharding.resolve_cpu_devices
+    assert resolve(0, [128], cores=2) == 2
+    assert resolve(0, [128], cores=1) == 1
+    assert resolve(0, [6], cores=4) == 3
+    assert resolve(0, [12, 8], cores=8) == 4
+    assert resolve(0, [5], cores=4) == 1
+    assert resolve(0, [], cores=3) == 3
+    assert resolve(0, [128], cores=16, num_processes=2) == 1
+    assert resolve(3, [128], cores=2) == 3
+    with pytest.raises(errors.ConfigError, match="cpu_devices"):
+        resolve(-1, [128], cores=2)
+
+
+def test_cpu_devices_precedence_flag_environment_config(monkeypatch):
+    """--cpu_devices, else $FDISTILL_CPU_DEVICES, else the config: the image configs split the
+    CPU one device per core for the batches of the mode they run; the toy keeps one device."""
+    from configs import digits, distill_digits, toy, video_quick
+    from fdistill.main import cpu_devices_for
+    monkeypatch.delenv(sharding.CPU_DEVICES_ENV, raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(6)))
+    assert modes.sharded_batch_sizes(digits.get_config(), "train") == [128]
+    assert modes.sharded_batch_sizes(distill_digits.get_config(), "distill") == [64]
+    assert modes.sharded_batch_sizes(video_quick.get_config(), "distill") == [16, 16]
+    assert modes.sharded_batch_sizes(digits.get_config(), "sample") == []
+    assert cpu_devices_for(digits.get_config(), "train") == 4            # 6 cores, 128 % 4 == 0
+    assert cpu_devices_for(distill_digits.get_config(), "distill") == 4
+    assert cpu_devices_for(digits.get_config(), "sample") == 6
+    assert cpu_devices_for(toy.get_config(), "train") == 1
+    assert cpu_devices_for(video_quick.get_config(), "distill") == 1
+    assert cpu_devices_for(digits.get_config(), "train", several_processes=True) == 1
+    monkeypatch.setenv(sharding.CPU_DEVICES_ENV, "2")
+    assert cpu_devices_for(digits.get_config(), "train") == 2
+    assert cpu_devices_for(toy.get_config(), "train") == 2
+    assert cpu_devices_for(digits.get_config(), "train", 1) == 1
+
+
