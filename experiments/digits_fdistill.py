@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 
 import jax
@@ -46,7 +47,7 @@ import numpy as np
 
 from configs import digits, distill_digits
 from experiments.toy_diagnostics import parse_overrides
-from fdistill import compilation_cache, data, modes, monitor
+from fdistill import compilation_cache, data, modes, monitor, sharding
 from fdistill import main as cli
 from fdistill.evaluation import classifier, inception
 
@@ -228,9 +229,15 @@ def main():
     if (args.set and not args.tag) or (args.init_set and not args.init_tag):
         p.error("--set needs --tag and --init_set needs --init_tag, so that a trial never "
                 "resumes or overwrites the default run's students and initialisation")
+    tc = digits.get_config()
+    # The CLI's CPU split (cpu_devices = 0: one device per core) for both the teacher's and the
+    # students' batches.
+    devices = math.gcd(cli.cpu_devices_for(tc, "train"),
+                       cli.cpu_devices_for(distill_digits.get_config(), "distill"))
+    if devices > 1:
+        sharding.set_cpu_devices(devices)
     compilation_cache.enable()
 
-    tc = digits.get_config()
     tc.training.num_steps = args.teacher_steps
     tc.training.ckpt_every = min(1000, args.teacher_steps)   # an interrupted run resumes
     tc.sampling.num_samples = tc.sampling.batch_size = args.num_samples
