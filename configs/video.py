@@ -92,7 +92,14 @@ def get_config(variant: str = "hiar") -> ml_collections.ConfigDict:
     c.optim.warmup = 200
     c.optim.grad_clip = 1.0
 
-    c.sampling.num_steps = 18               # teacher Heun steps (35 network evaluations)
+    # The teacher's samples: EDM's stochastic Heun (Algorithm 2), 40 steps (79 network
+    # evaluations), gamma = min(S_churn / 40, sqrt(2) - 1) = sqrt(2) - 1 at every sigma: the fresh
+    # noise corrects the small denoiser's errors (squares that teleport or fade mid-clip); on the
+    # quick teacher (rho 0) the speed ratio went 1.38 -> 1.03 (seed 0) and 1.66 -> 1.32 (seed 1).
+    # The distillation's ODE pairs stay deterministic (the probability-flow map); S_churn = 0
+    # gives the deterministic Heun.
+    c.sampling.num_steps = 40
+    c.sampling.S_churn = 16.6
 
     c.student = s = ml_collections.ConfigDict()
     s.num_steps = 4                         # student levels: Karras from sigma_max to sigma_last
