@@ -172,6 +172,9 @@ def label_draws(config, key, batch_size: int):
     return labels
 
 
+CHURN_OPTIONS = ("S_churn", "S_min", "S_max", "S_noise")
+
+
 def churn_options(config) -> dict:
     """EDM's stochastic sampler options (S_churn, S_min, S_max, S_noise) of
     ``config.sampling``; {} when S_churn is 0 (the deterministic Heun)."""
@@ -377,7 +380,8 @@ def sample_teacher(config, workdir: str) -> dict:
     path = save_samples(config, workdir, x, "samples",
                         title=f"teacher, {draw.name}{churn}, {draw.nfe} NFE")
     results = {"sample/sampler": draw.name, "sample/nfe": draw.nfe, "sample/num_samples": len(x),
-               **{f"sample/{k}": v for k, v in draw.churn.items()},
+               **{f"sample/{k}": draw.churn.get(k, 0.0 if k == "S_churn" else None)
+                  for k in CHURN_OPTIONS},
                "sample/checkpoint_step": step, "sample/seconds_per_sample": seconds / len(x),
                **sample_report(config, x, "sample")}
     monitor.write_results(workdir, results)
@@ -817,7 +821,8 @@ def evaluate(config, workdir: str) -> dict:
         model, step = load_teacher(config, workdir)
         draw, params = teacher_sampler(config, model, bs)
         generator = {"model": "teacher", "sampler": draw.name, "sampler_steps": draw.num_steps,
-                     "guidance": draw.guidance, "nfe": draw.nfe, "checkpoint_step": int(step)}
+                     **draw.churn, "guidance": draw.guidance, "nfe": draw.nfe,
+                     "checkpoint_step": int(step)}
     labels = label_draws(config, jax.random.fold_in(key, 1), bs)
 
     def draw_batch(i):

@@ -172,7 +172,7 @@ _MODE_CHECKS = {
     QUICKSTART: (_teacher_training, _sampling, _churn),
     DISTILL: (_distillation,),
     FID_STATS: (_evaluation,),
-    EVAL: (_evaluation,),
+    EVAL: (_evaluation, _churn),
     "import_edm": (),                 # reads config.import_edm.pkl only (checked by the mode)
 }
 
