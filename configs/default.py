@@ -86,6 +86,13 @@ def get_default_config() -> ml_collections.ConfigDict:
     s.num_samples = 64
     s.batch_size = 64
     s.guidance = 1.0          # CFG: D(x) + w (D(x, c) - D(x)); w = 1 is plain conditional
+    # EDM's stochastic sampler (Algorithm 2; heun only): S_churn > 0 raises each sigma in
+    # [S_min, S_max] to (1 + gamma) sigma with fresh noise scaled by S_noise before its step,
+    # gamma = min(S_churn / num_steps, sqrt(2) - 1). S_churn = 0: the deterministic Heun.
+    s.S_churn = 0.0
+    s.S_min = 0.0
+    s.S_max = float("inf")
+    s.S_noise = 1.0
 
     c.eval = e = ml_collections.ConfigDict()
     e.num_examples = 256      # likelihood: how many test examples

@@ -187,19 +187,34 @@ def label_draws(config, key, batch_size: int):
     return labels
 
 
+CHURN_OPTIONS = ("S_churn", "S_min", "S_max", "S_noise")
+
+
+def churn_options(config) -> dict:
+    """EDM's stochastic sampler options (S_churn, S_min, S_max, S_noise) of
+    ``config.sampling``; {} when S_churn is 0 (the deterministic Heun)."""
+    s = config.sampling
+    if not s.get("S_churn", 0.0):
+        return {}
+    return {"S_churn": float(s.S_churn), "S_min": float(s.get("S_min", 0.0)),
+            "S_max": float(s.get("S_max", float("inf"))), "S_noise": float(s.get("S_noise", 1.0))}
+
+
 class TeacherSampler:
     """``sampler(params, key, labels) -> x`` for the teacher with ``config.sampling``'s sampler
     (or ``sampler_name`` / ``num_steps``), jitted over the parameters so that new weights
     (periodic evaluation) reuse the compiled sampler, the batch split over this process' devices
     when it has several (``sharding.SplitBatch``; ``devices`` to choose them). ``nfe``: network
-    evaluations per sample."""
+    evaluations per sample. Heun takes ``config.sampling``'s S_churn, S_min, S_max and S_noise
+    (``churn``: {} for the deterministic sampler)."""
 
     def __init__(self, config, graphdef, others, batch_size: int, *,
                  sampler_name: str | None = None, num_steps: int | None = None, devices=None):
         s = config.sampling
         name, steps = sampler_name or s.sampler, num_steps or s.num_steps
+        self.churn = churn_options(config) if name == "heun" else {}
         sampler = sampling.get_sampler(name, num_steps=steps, snr=s.snr,
-                                       n_corrector=s.n_corrector)
+                                       n_corrector=s.n_corrector, **self.churn)
         process = sde.sde_from_config(config.process)
         shape = (batch_size,) + data.example_shape(config.data)
         self.guidance = float(s.guidance) if config.data.get("num_classes", 0) else 1.0
@@ -383,9 +398,12 @@ def sample_teacher(config, workdir: str) -> dict:
     x = draw_samples(draw, params, config, s.num_samples, s.batch_size,
                      jax.random.key(config.seed + 1))
     seconds = time.time() - t0
+    churn = "".join(f", {k} {v:g}" for k, v in draw.churn.items())
     path = save_samples(config, workdir, x, "samples",
-                        title=f"teacher, {draw.name}, {draw.nfe} NFE")
+                        title=f"teacher, {draw.name}{churn}, {draw.nfe} NFE")
     results = {"sample/sampler": draw.name, "sample/nfe": draw.nfe, "sample/num_samples": len(x),
+               **{f"sample/{k}": draw.churn.get(k, 0.0 if k == "S_churn" else None)
+                  for k in CHURN_OPTIONS},
                "sample/checkpoint_step": step, "sample/seconds_per_sample": seconds / len(x),
                **sample_report(config, x, "sample")}
     monitor.write_results(workdir, results)
@@ -826,7 +844,8 @@ def evaluate(config, workdir: str) -> dict:
         model, step = load_teacher(config, workdir)
         draw, params = teacher_sampler(config, model, bs)
         generator = {"model": "teacher", "sampler": draw.name, "sampler_steps": draw.num_steps,
-                     "guidance": draw.guidance, "nfe": draw.nfe, "checkpoint_step": int(step)}
+                     **draw.churn, "guidance": draw.guidance, "nfe": draw.nfe,
+                     "checkpoint_step": int(step)}
     labels = label_draws(config, jax.random.fold_in(key, 1), bs)
 
     def draw_batch(i):

@@ -108,6 +108,22 @@ def _sampling(c: _Checks) -> None:
     c.integer("eval.rollout_factor", 1)
 
 
+def _churn(c: _Checks) -> None:
+    """EDM's stochastic sampler (config.sampling.S_*): heun only."""
+    c.nonnegative("sampling.S_churn")
+    c.nonnegative("sampling.S_min")
+    c.positive("sampling.S_noise")
+    lo, hi = _get(c.config, "sampling.S_min"), _get(c.config, "sampling.S_max")
+    if hi is not _MISSING and not (_number(hi) and not math.isnan(hi)
+                                   and (not (_number(lo) and math.isfinite(lo)) or hi > lo)):
+        c._report("sampling.S_max", hi, f"must be a number > config.sampling.S_min = {lo!r} "
+                  f"(inf: no upper bound)")
+    churn, name = _get(c.config, "sampling.S_churn"), _get(c.config, "sampling.sampler")
+    if _number(churn) and churn > 0 and name is not _MISSING and name != "heun":
+        c._report("sampling.S_churn", churn, f"must be 0 unless config.sampling.sampler is "
+                  f"'heun' (EDM's stochastic sampler), got sampler {name!r}")
+
+
 def _distillation(c: _Checks) -> None:
     distill = _get(c.config, "distill")
     if distill is _MISSING:
@@ -149,14 +165,14 @@ def _evaluation(c: _Checks) -> None:
 
 
 _MODE_CHECKS = {
-    TRAIN: (_teacher_training,),
-    SAMPLE: (_sampling,),
+    TRAIN: (_teacher_training, _churn),
+    SAMPLE: (_sampling, _churn),
     LIKELIHOOD: (lambda c: (c.integer("eval.num_examples", 1),
                             c.integer("sampling.batch_size", 1)),),
-    QUICKSTART: (_teacher_training, _sampling),
+    QUICKSTART: (_teacher_training, _sampling, _churn),
     DISTILL: (_distillation,),
     FID_STATS: (_evaluation,),
-    EVAL: (_evaluation,),
+    EVAL: (_evaluation, _churn),
     "import_edm": (),                 # reads config.import_edm.pkl only (checked by the mode)
 }
 

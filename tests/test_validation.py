@@ -64,6 +64,11 @@ CASES = [
     ("video_quick", "distill", "distill.num_steps", 0, "must be an integer >= 1"),
     ("video_quick", "distill", "distill.num_pairs", 0, "must be an integer >= 1"),
     ("video_quick", "sample", "eval.num_clips", 0, "must be an integer >= 1"),
+    ("video_quick", "sample", "sampling.S_churn", -1.0, "must be finite and >= 0"),
+    ("video_quick", "train", "sampling.S_noise", 0.0, "must be finite and > 0"),
+    ("video_quick", "train", "sampling.S_min", math.nan, "must be finite and >= 0"),
+    ("toy", "sample", "sampling.S_max", 0.0, "must be a number > config.sampling.S_min = 0.0 "
+                                             "(inf: no upper bound)"),
 ]
 
 
@@ -77,6 +82,16 @@ def test_each_bad_value_is_named_by_its_field(name, mode, field, value, rule):
     with pytest.raises(ConfigError, match=f"config.{field} = ") as err:
         validation.validate(config, mode)
     assert isinstance(err.value, ValueError) and f"--mode={mode}" in str(err.value)
+
+
+def test_churn_needs_the_heun_sampler():
+    config = load("video_quick")
+    config.sampling.S_churn = 1.0
+    assert validation.problems(config, "sample") == []
+    config.sampling.sampler = "pc"
+    assert validation.problems(config, "sample") == [
+        "config.sampling.S_churn = 1.0: must be 0 unless config.sampling.sampler is 'heun' "
+        "(EDM's stochastic sampler), got sampler 'pc'"]
 
 
 def test_all_problems_reported_at_once():

@@ -253,8 +253,15 @@ def test_end_to_end_through_the_command_line(tmp_path):
     results = main.run(c, teacher_dir, "train")
     assert results["steps"] == 12 and "sample/speed_ratio" in results
     assert os.path.exists(tmp_path / "teacher" / "samples.gif")
+    assert results["sample/S_churn"] == c.sampling.S_churn > 0    # the video configs' churn
     out = main.run(c, teacher_dir, "sample")
     assert out["sample/nfe"] == 2 * c.sampling.num_steps - 1
+    c.sampling.S_churn = 0.0                  # the deterministic Heun: no stale churn recorded
+    main.run(c, teacher_dir, "sample")
+    with open(os.path.join(teacher_dir, "results.json")) as f:
+        recorded = json.load(f)
+    assert recorded["sample/S_churn"] == 0.0 and recorded["sample/S_max"] is None
+    c.sampling.S_churn = 16.6
 
     d = c.distill
     d.update(ode_init_steps=8, fkl_weight=1.0)
