@@ -274,7 +274,9 @@ def test_sampling_labels_are_uniform_random_from_a_seed():
 
 def test_distillation_matches_the_pre_refactor_losses():
     """The shared core gives the image distillation's losses of the code it replaced (golden
-    values recorded from it: 7 iterations, student and critic, both feature sources) to 1e-6."""
+    values recorded from it: 7 iterations, student and critic, both feature sources) to 1e-6
+    relative, 1e-7 absolute: the critic's logits are ~1e-3, and another CPU's vector width moves
+    them by ~1e-8 (an AVX-512 machine here: at most 1.2e-7 absolute on any metric)."""
     with open(os.path.join(os.path.dirname(__file__), "golden", "distill_pin.json")) as f:
         golden = json.load(f)
     t = toy.get_config()
@@ -296,7 +298,7 @@ def test_distillation_matches_the_pre_refactor_losses():
                 modes.with_one_hot_labels(ds.batch(i), 0), mesh))
             got = {k: float(v) for k, v in sharding.to_host(m).items()}
             for k, v in want.items():
-                np.testing.assert_allclose(got[k], v, rtol=1e-6, atol=1e-9,
+                np.testing.assert_allclose(got[k], v, rtol=1e-6, atol=1e-7,
                                            err_msg=f"{source} step {i} {k}")
 
 
