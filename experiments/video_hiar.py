@@ -178,7 +178,7 @@ def seed_rollouts(args, config, rows: dict, seed: int, teacher_dir: str) -> list
         1, num_frames=t * config.eval.rollout_factor)["x"]
     first = lambda label: rows[label][0] if rows.get(label) else None
     out = [("data", first("data"), data),
-           ("teacher (Heun, bidirectional)", first("teacher (Heun, bidirectional)"),
+           (teacher_label(config), first(teacher_label(config)),
             load(teacher_dir, "samples")),
            ("ODE-init student (hierarchical)", first("ODE-init student (hierarchical)"),
             load(os.path.join(args.workdir, f"init_seed{seed}"), "student_rollout"))]
@@ -188,6 +188,13 @@ def seed_rollouts(args, config, rows: dict, seed: int, teacher_dir: str) -> list
         if name == "self_forcing":
             out.append((NO_RETRAINING, first(NO_RETRAINING), load(vdir, "rollout_hierarchical")))
     return out
+
+
+def teacher_label(config) -> str:
+    """The teacher row's name, with its sampler as ``config.sampling`` sets it."""
+    s = config.sampling
+    churn = f", S_churn {s.S_churn:g}" if s.get("S_churn", 0.0) else ""
+    return f"teacher ({s.sampler} {s.num_steps} steps{churn})"
 
 
 def data_row(config) -> dict:
@@ -322,7 +329,7 @@ def main(argv=None):
     if args.teacher_only:
         return context_use
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
-    rows: dict[str, list[dict]] = {"data": [data_row(config)], "teacher (Heun, bidirectional)": [],
+    rows: dict[str, list[dict]] = {"data": [data_row(config)], teacher_label(config): [],
                                    "ODE-init student (hierarchical)": []}
     for name in args.variants:
         rows[LABELS[name]] = []
@@ -334,7 +341,7 @@ def main(argv=None):
         cfg = config.copy_and_resolve_references()
         cfg.seed = seed
         cfg.sampling.num_samples = cfg.sampling.batch_size = cfg.eval.num_clips
-        rows["teacher (Heun, bidirectional)"].append(
+        rows[teacher_label(config)].append(
             _strip(modes.sample_teacher(cfg, teacher_dir), "sample"))
         init_dir = os.path.join(args.workdir, f"init_seed{seed}")
         for name in args.variants:

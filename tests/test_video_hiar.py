@@ -196,7 +196,14 @@ PIPELINE_SCRIPT = textwrap.dedent("""
     noise = hiar.draw_noise(jax.random.key(5), 3, (2, 3 * T, SIZE, SIZE, 1), sde.EDM())
     seq = hiar.sample(model, noise, sigmas, block_size=BS, window=T)
     pipe = hiar.pipelined_hierarchical(model, noise, sigmas, block_size=BS, window=T)
-    print("MAXDIFF", float(np.abs(np.asarray(seq) - np.asarray(pipe)).max()))
+    # Weights and noise committed to one device, as a model restored from a checkpoint.
+    from flax import nnx
+    graphdef, state = nnx.split(model)
+    loaded = nnx.merge(graphdef, jax.device_put(state, jax.devices()[0]))
+    pipe_loaded = hiar.pipelined_hierarchical(loaded, jax.device_put(noise, jax.devices()[0]),
+                                              sigmas, block_size=BS, window=T)
+    print("MAXDIFF", max(float(np.abs(np.asarray(seq) - np.asarray(p)).max())
+                         for p in (pipe, pipe_loaded)))
 """)
 
 

@@ -283,6 +283,8 @@ def pipelined_hierarchical(model, noise, sigmas, *, block_size: int, window: int
     graphdef, state = nnx.split(model)
     fn = _pipeline_fn(graphdef, tuple(float(s) for s in sigmas), block_size, window, mesh,
                       noise.shape, context)
+    # Weights and noise replicated on the step mesh (a loaded model's arrays sit on one device).
+    state, noise = jax.device_put((state, noise), NamedSharding(mesh, P()))
     return fn(state, noise)[num_steps - 1]
 
 
