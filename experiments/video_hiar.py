@@ -360,9 +360,12 @@ def main(argv=None):
             print(f"seed {seed} | {LABELS[name]}: " + ", ".join(
                 f"{COLUMNS[k]}={row[k]:.3g}" for k in COLUMNS if k in row), flush=True)
             if name == "self_forcing":                  # the same weights, sampled step-first
-                distillation, state = modes.load_student(vcfg, vdir)
+                # The student's recorded network and process (the teacher's: e.g. its
+                # frame-correlated noise), not the config file's.
+                rcfg = modes.run_config(vcfg, vdir)
+                distillation, state = modes.load_student(rcfg, vdir)
                 rows[NO_RETRAINING].append(_strip(modes.video_student_report(
-                    vcfg, vdir, distillation.denoiser(state["student_ema"]), prefix="student",
+                    rcfg, vdir, distillation.denoiser(state["student_ema"]), prefix="student",
                     order="hierarchical", name="rollout_hierarchical"), "student"))
         icfg = modes.run_config(load_config(args.quick), teacher_dir)   # HiAR's sampler: t_{j+1}
         icfg.seed = seed
