@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import time
 
@@ -198,6 +199,12 @@ def churn_options(config) -> dict:
         return {}
     return {"S_churn": float(s.S_churn), "S_min": float(s.get("S_min", 0.0)),
             "S_max": float(s.get("S_max", float("inf"))), "S_noise": float(s.get("S_noise", 1.0))}
+
+
+def _finite_or_none(v):
+    """A recorded value: None for an unbounded (infinite) option, so results.json stays strict
+    JSON."""
+    return None if v is None or not math.isfinite(v) else v
 
 
 class TeacherSampler:
@@ -402,7 +409,7 @@ def sample_teacher(config, workdir: str) -> dict:
     path = save_samples(config, workdir, x, "samples",
                         title=f"teacher, {draw.name}{churn}, {draw.nfe} NFE")
     results = {"sample/sampler": draw.name, "sample/nfe": draw.nfe, "sample/num_samples": len(x),
-               **{f"sample/{k}": draw.churn.get(k, 0.0 if k == "S_churn" else None)
+               **{f"sample/{k}": _finite_or_none(draw.churn.get(k, 0.0 if k == "S_churn" else None))
                   for k in CHURN_OPTIONS},
                "sample/checkpoint_step": step, "sample/seconds_per_sample": seconds / len(x),
                **sample_report(config, x, "sample")}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import math
 import logging
 import os
 import socket
@@ -51,17 +52,35 @@ def write_config(workdir: str, config, *, mode: str) -> str:
     path = os.path.join(workdir, CONFIG_FILE)
     if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
-        write_json(path, {"config": config.to_dict(), "mode": mode,
+        write_json(path, {"config": _strict_json(config.to_dict()), "mode": mode,
                           "fdistill_version": package_version()})
     return path
 
 
+# Non-finite floats (e.g. sampling.S_max = inf) as strings, so that config.json is strict JSON
+# (jq and other strict parsers refuse Python's bare Infinity / NaN); read_config turns them back.
+_NON_FINITE = {"Infinity": math.inf, "-Infinity": -math.inf, "NaN": math.nan}
+
+
+def _strict_json(obj):
+    if isinstance(obj, dict):
+        return {k: _strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_strict_json(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "NaN" if math.isnan(obj) else ("Infinity" if obj > 0 else "-Infinity")
+    return obj
+
+
 def _tuples(obj):
-    """JSON lists back to the tuples ml_collections configs use (so overrides type-check)."""
+    """JSON lists back to the tuples ml_collections configs use (so overrides type-check), and
+    the non-finite floats written as strings back to floats."""
     if isinstance(obj, dict):
         return {k: _tuples(v) for k, v in obj.items()}
     if isinstance(obj, list):
         return tuple(_tuples(v) for v in obj)
+    if isinstance(obj, str) and obj in _NON_FINITE:
+        return _NON_FINITE[obj]
     return obj
 
 

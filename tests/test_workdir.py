@@ -169,3 +169,26 @@ def test_results_written_atomically_and_a_damaged_file_replaced(tmp_path, caplog
     assert json.load(open(path)) == {"precision": 0.5}
     assert open(f"{path}.invalid").read() == '{"fid": 3.0, "st'
     assert any("not valid results JSON" in r.getMessage() for r in caplog.records)
+
+
+def test_config_json_is_strict_json_and_reads_back_non_finite_values(tmp_path):
+    """config.json holds no bare Infinity / NaN (strict parsers such as jq refuse them): the
+    default sampling.S_max = inf and any non-finite value are written as strings and read back
+    as the same floats; a tuple stays a tuple."""
+    from configs import video_quick
+    config = video_quick.get_config()
+    config.sampling.S_min = float("-inf")
+    config.process.sigma_data = float("nan")
+    path = wd.write_config(str(tmp_path), config, mode="train")
+
+    def refuse(name):
+        raise ValueError(f"bare {name} in config.json")
+
+    with open(path) as f:
+        json.loads(f.read(), parse_constant=refuse)
+    back = wd.read_config(str(tmp_path))
+    assert back.sampling.S_max == float("inf") and back.sampling.S_min == float("-inf")
+    assert np.isnan(back.process.sigma_data)
+    assert back.model.to_dict() == config.model.to_dict()
+    assert back.distill.index_range == tuple(config.distill.index_range)
+
