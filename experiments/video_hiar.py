@@ -139,6 +139,12 @@ def paired_table(rows: dict[str, list[dict]], base: str = PAIRED_BASE) -> str:
     return "\n".join(lines)
 
 
+def tables(rows: dict[str, list[dict]]) -> str:
+    """The table of every row and, with several seeds, the paired table below it."""
+    paired = paired_table(rows)
+    return table(rows) + ("\n\n" + paired if paired else "")
+
+
 def _strip(out: dict, prefix: str) -> dict:
     row = {k.split("/", 1)[1]: v for k, v in out.items() if k.startswith(prefix + "/")}
     if "long/speed_ratio_per_segment" in row:
@@ -373,9 +379,7 @@ def main(argv=None):
         rows["ODE-init student (hierarchical)"].append(_strip(modes.video_student_report(
             icfg, init_dir, init, prefix="init", order="hierarchical"), "init"))
 
-    text = table(rows)
-    paired = paired_table(rows)
-    text += "\n\n" + paired if paired else ""
+    text = tables(rows)
     print(f"\nseeds {seeds}\n" + text)
     summary = {"config": "video_quick" if args.quick else "video", "seeds": seeds,
                "distill_steps": args.distill_steps or int(config.distill.num_steps),
@@ -416,9 +420,7 @@ def merge(paths: list[str], workdir: str) -> dict:
             if name == "data" and name in rows:
                 continue
             rows.setdefault(name, []).extend(runs)
-    text = table(rows)
-    paired = paired_table(rows)
-    text += "\n\n" + paired if paired else ""
+    text = tables(rows)
     print(f"seeds {seeds}\n{text}")
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "video_hiar.json"), "w") as f:

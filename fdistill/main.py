@@ -67,7 +67,7 @@ def run(config, workdir: str, mode: str) -> dict:
 
 
 def cpu_devices_for(config, mode: str, flag: int | None = None, *,
-                    several_processes: bool = False) -> int:
+                    multi_process: bool = False) -> int:
     """How many CPU devices this run splits the CPU into: ``--cpu_devices``, else
     ``$FDISTILL_CPU_DEVICES``, else ``config.cpu_devices``; 0 resolved to one per core, as many as
     divide the batches ``mode`` shards (``sharding.resolve_cpu_devices``)."""
@@ -77,15 +77,16 @@ def cpu_devices_for(config, mode: str, flag: int | None = None, *,
     if requested is None:
         requested = config.get("cpu_devices", 1)
     return sharding.resolve_cpu_devices(requested, modes.sharded_batch_sizes(config, mode),
-                                        num_processes=2 if several_processes else 1)
+                                        multi_process=multi_process)
 
 
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
-    several = bool(FLAGS.distributed or FLAGS.coordinator_address or (FLAGS.num_processes or 1) > 1)
+    multi_process = bool(FLAGS.distributed or FLAGS.coordinator_address
+                         or (FLAGS.num_processes or 1) > 1)
     cpu_devices = errors.cli_errors(cpu_devices_for, FLAGS.config, FLAGS.mode, FLAGS.cpu_devices,
-                                    several_processes=several, verbose=FLAGS.verbose)
+                                    multi_process=multi_process, verbose=FLAGS.verbose)
     if cpu_devices != 1:
         errors.cli_errors(sharding.set_cpu_devices, cpu_devices, verbose=FLAGS.verbose)
     if FLAGS.compilation_cache:

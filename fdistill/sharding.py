@@ -219,18 +219,18 @@ def cpu_devices_from_env() -> int | None:
 
 
 def resolve_cpu_devices(requested: int, batch_sizes=(), *, cores: int | None = None,
-                        num_processes: int = 1) -> int:
+                        multi_process: bool = False) -> int:
     """The CPU device count for ``requested`` (``--cpu_devices``, ``$FDISTILL_CPU_DEVICES`` or the
     config's ``cpu_devices``): a positive count as is; 0 means one device per core this process
     may run on (``os.sched_getaffinity``), lowered to the largest count that divides every
     ``batch_sizes`` entry (the batches the run's steps shard, which need equal shares), and 1
-    when several processes share the run (each process' devices then come from the launcher)."""
+    in a ``multi_process`` run (each process' devices then come from the launcher)."""
     if not (isinstance(requested, int) and requested >= 0):
         raise ConfigError(f"cpu devices = {requested!r}: must be an integer >= 0 (0: one per core; "
                           f"--cpu_devices or config.cpu_devices)")
     if requested > 0:
         return requested
-    if num_processes > 1:
+    if multi_process:
         return 1
     cores = len(os.sched_getaffinity(0)) if cores is None else cores
     return max(n for n in range(1, max(cores, 1) + 1)

@@ -241,7 +241,7 @@ def test_one_cpu_device_per_core_as_many_as_divide_the_sharded_batches():
     assert resolve(0, [12, 8], cores=8) == 4
     assert resolve(0, [5], cores=4) == 1
     assert resolve(0, [], cores=3) == 3
-    assert resolve(0, [128], cores=16, num_processes=2) == 1
+    assert resolve(0, [128], cores=16, multi_process=True) == 1
     assert resolve(3, [128], cores=2) == 3
     with pytest.raises(errors.ConfigError, match="cpu_devices"):
         resolve(-1, [128], cores=2)
@@ -263,7 +263,7 @@ def test_cpu_devices_precedence_flag_environment_config(monkeypatch):
     assert cpu_devices_for(digits.get_config(), "sample") == 6
     assert cpu_devices_for(toy.get_config(), "train") == 1
     assert cpu_devices_for(video_quick.get_config(), "distill") == 1
-    assert cpu_devices_for(digits.get_config(), "train", several_processes=True) == 1
+    assert cpu_devices_for(digits.get_config(), "train", multi_process=True) == 1
     monkeypatch.setenv(sharding.CPU_DEVICES_ENV, "2")
     assert cpu_devices_for(digits.get_config(), "train") == 2
     assert cpu_devices_for(toy.get_config(), "train") == 2
